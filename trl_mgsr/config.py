@@ -1,0 +1,283 @@
+"""`MGSRConfig`: `GKDConfig` plus the options of MGSR (DESIGN.md §1-§5).
+
+Every MGSR choice that the paper leaves open is an option here with the default of DESIGN.md; the help text says
+which ones are our choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._trl import GKDConfig
+
+SCHEDULES = ("gkd", "adaptive")
+KL_DIRECTIONS = ("forward", "reverse")
+DAC_MODES = ("learned", "fixed")
+DAC_STUDENT_SUPPORTS = ("full", "band")
+SPAN_EXTRACTORS = ("builtin", "nltk", "spacy")
+SPAN_DISTANCES = ("kl", "l2", "l1")
+SCRG_TEACHER_TOKENS = ("greedy", "sample")
+
+
+@dataclass
+class MGSRConfig(GKDConfig):
+    r"""
+    Configuration for [`MGSRTrainer`]: every [`GKDConfig`] option (and so every `SFTConfig`/`TrainingArguments`
+    option) plus the options of Multi-Granularity Semantic Revision.
+
+    The objective is `sft_weight * L_SFT + dac_weight * L_DAC-KL + span_weight * L_span`. GKD's `beta` is not used
+    by the MGSR loss (DAC-KL has its own `dac_kl_direction`); `lmbda`, `seq_kd`, `temperature` and
+    `max_new_tokens` keep their GKD meaning.
+
+    > Loss weights
+
+    sft_weight (`float`, defaults to `1.0`): weight of the cross-entropy on the dataset's ground-truth completion.
+    dac_weight (`float`, defaults to `1.0`): weight of the DAC-KL term.
+    span_weight (`float`, defaults to `1.0`): weight of the span correlation term.
+
+    > SCRG (sequence correction and re-generation)
+
+    scrg_rounds (`int`, defaults to `1`): correction rounds per on-policy sample; `0` turns SCRG off.
+    scrg_kl_direction (`str`, defaults to `"forward"`): direction of the per-position difference D_i,
+        `"forward"` = KL(teacher || student), `"reverse"` = KL(student || teacher).
+    scrg_teacher_token (`str`, defaults to `"greedy"`): the correction token, the teacher's argmax (`"greedy"`)
+        or a sample from the teacher (`"sample"`).
+    scrg_allow_eos_correction (`bool`, defaults to `True`): whether an end token may be the correction (the row
+        then ends there).
+
+    > DAC-KL (distribution-adaptive clipping KL)
+
+    dac_mode (`str`, defaults to `"learned"`): `"learned"` band predicted by the sub-network, or `"fixed"` band
+        `(dac_lo, dac_hi)` (the paper's ablation).
+    dac_lo, dac_hi (`float`, defaults to `0.0`, `0.95`): the band on the teacher's cumulative sorted mass in
+        `"fixed"` mode, and the band the sub-network starts from in `"learned"` mode. Our choice.
+    dac_min_width (`float`, defaults to `0.5`): the smallest band width `hi - lo`.
+    dac_sharpness (`float`, defaults to `50.0`): slope of the soft (sigmoid) band edges.
+    dac_student_support (`str`, defaults to `"full"`): `"full"` compares the clipped teacher with the full student
+        distribution; `"band"` also renormalises the student on the kept tokens.
+    dac_kl_direction (`str`, defaults to `"forward"`): `"forward"` = KL(p~ || q), `"reverse"` = KL(q || p~).
+    dac_temperature (`float`, defaults to `1.0`): softmax temperature of both distributions in the loss.
+    dac_features (`int`, defaults to `32`): number of top sorted teacher probabilities fed to the sub-network.
+    dac_hidden_size (`int`, defaults to `256`): hidden width of the sub-network.
+    dac_top_k (`int` or `None`, defaults to `None`): sort only the teacher's top-k tokens (the rest count as the
+        tail) to save time on very large vocabularies; `None` sorts the whole vocabulary.
+    dac_learning_rate (`float`, defaults to `1e-4`): learning rate of the sub-network's optimizer parameter group.
+
+    > Span level
+
+    span_extractor (`str`, defaults to `"builtin"`): `"builtin"` (offline punctuation/closed-class splitter),
+        `"nltk"` (regexp NP/VP/PP chunker) or `"spacy"` (noun chunks). A callable `text -> [(start, end)]` can be
+        passed to `MGSRTrainer(span_extractor=...)` instead.
+    span_extractor_kwargs (`dict` or `None`): keyword arguments of the extractor (e.g. `{"model": "en_core_web_sm"}`
+        for spaCy).
+    span_distance (`str`, defaults to `"kl"`): distance between teacher and student span correlations, `"kl"` on the
+        products normalised to sum 1, `"l2"` or `"l1"`.
+
+    > Memory
+
+    loss_chunk_size (`int`, defaults to `1024`): completion positions processed at once by the DAC-KL and span
+        losses; bounds the `[chunk, vocab]` float32 working tensors.
+
+    > Data schedule
+
+    schedule (`str`, defaults to `"gkd"`): `"gkd"` (GKD's `lmbda` coin per micro-batch) or `"adaptive"`
+        (DistiLLM's adaptive off-policy schedule with a replay buffer).
+    init_threshold (`float`, defaults to `0.0`): adaptive schedule: starting probability of using student samples.
+    threshold_step (`float`, defaults to `0.1`): adaptive schedule: increase of that probability when the
+        evaluation loss rises by more than `loss_eps`.
+    loss_eps (`float`, defaults to `0.1`): adaptive schedule: evaluation-loss rise that triggers the increase.
+    replay_capacity (`int`, defaults to `1000`): adaptive schedule: replay buffer size (samples).
+    replay_ratio_start, replay_ratio_end (`float`, defaults to `0.5`, `0.0`): adaptive schedule: share of
+        student-sample micro-batches drawn from the replay buffer instead of generated afresh, decreasing linearly
+        over training. Our choice.
+
+    > Models and generation
+
+    truncate_teacher_vocab (`bool`, defaults to `False`): when student and teacher vocab sizes differ only by
+        padding rows (every tokenizer id below both sizes), compare logits on the shared vocabulary. Any other
+        mismatch is an error.
+    generation_use_cache (`bool`, defaults to `True`): generate with the KV cache even when gradient checkpointing
+        is on (GKD turns the cache off; generation runs with checkpointing disabled anyway).
+    """
+
+    _VALID_DICT_FIELDS = GKDConfig._VALID_DICT_FIELDS + ["span_extractor_kwargs"]
+
+    # Loss weights
+    sft_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the cross-entropy on the dataset's ground-truth completion."}
+    )
+    dac_weight: float = field(default=1.0, metadata={"help": "Weight of the DAC-KL term."})
+    span_weight: float = field(default=1.0, metadata={"help": "Weight of the span correlation consistency term."})
+
+    # SCRG
+    scrg_rounds: int = field(
+        default=1, metadata={"help": "SCRG correction rounds per on-policy sample; 0 turns SCRG off."}
+    )
+    scrg_kl_direction: str = field(
+        default="forward",
+        metadata={
+            "help": "Direction of SCRG's per-position difference: 'forward' = KL(teacher||student), 'reverse'.",
+            "choices": list(KL_DIRECTIONS),
+        },
+    )
+    scrg_teacher_token: str = field(
+        default="greedy",
+        metadata={"help": "SCRG correction token: teacher argmax ('greedy') or a teacher sample ('sample').",
+                  "choices": list(SCRG_TEACHER_TOKENS)},
+    )
+    scrg_allow_eos_correction: bool = field(
+        default=True, metadata={"help": "Whether SCRG may correct a position to an end token (the row ends there)."}
+    )
+
+    # DAC-KL
+    dac_mode: str = field(
+        default="learned",
+        metadata={"help": "DAC-KL band: 'learned' by the sub-network or 'fixed' to (dac_lo, dac_hi).",
+                  "choices": list(DAC_MODES)},
+    )
+    dac_lo: float = field(
+        default=0.0,
+        metadata={"help": "Lower band edge on the teacher's cumulative sorted mass (fixed band / learned start)."},
+    )
+    dac_hi: float = field(
+        default=0.95,
+        metadata={"help": "Upper band edge on the teacher's cumulative sorted mass (fixed band / learned start)."},
+    )
+    dac_min_width: float = field(default=0.5, metadata={"help": "Smallest DAC-KL band width hi - lo, in (0, 1]."})
+    dac_sharpness: float = field(default=50.0, metadata={"help": "Slope of the soft DAC-KL band edges (> 0)."})
+    dac_student_support: str = field(
+        default="full",
+        metadata={"help": "'full': KL against the full student distribution; 'band': student renormalised on the "
+                  "kept tokens.", "choices": list(DAC_STUDENT_SUPPORTS)},
+    )
+    dac_kl_direction: str = field(
+        default="forward",
+        metadata={"help": "DAC-KL direction: 'forward' = KL(clipped teacher||student), 'reverse'.",
+                  "choices": list(KL_DIRECTIONS)},
+    )
+    dac_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature in the DAC-KL loss (> 0)."})
+    dac_features: int = field(
+        default=32, metadata={"help": "Number of top sorted teacher probabilities fed to the band sub-network."}
+    )
+    dac_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the band sub-network."})
+    dac_top_k: int | None = field(
+        default=None,
+        metadata={"help": "Sort only the teacher's top-k tokens in DAC-KL (rest = tail); None sorts the full vocab."},
+    )
+    dac_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the band sub-network's optimizer parameter group."}
+    )
+
+    # Span level
+    span_extractor: str = field(
+        default="builtin",
+        metadata={"help": "Span extractor: 'builtin' (offline), 'nltk' (regexp chunker) or 'spacy' (noun chunks).",
+                  "choices": list(SPAN_EXTRACTORS)},
+    )
+    span_extractor_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the span extractor, as a dict or JSON string."}
+    )
+    span_distance: str = field(
+        default="kl",
+        metadata={"help": "Distance between span correlations: 'kl', 'l2' or 'l1'.", "choices": list(SPAN_DISTANCES)},
+    )
+
+    # Memory
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Completion positions per chunk in the DAC-KL and span losses."}
+    )
+
+    # Data schedule
+    schedule: str = field(
+        default="gkd",
+        metadata={"help": "Data schedule: 'gkd' (lmbda coin per micro-batch) or 'adaptive' (DistiLLM, replay "
+                  "buffer).", "choices": list(SCHEDULES)},
+    )
+    init_threshold: float = field(
+        default=0.0, metadata={"help": "Adaptive schedule: starting probability of using student samples."}
+    )
+    threshold_step: float = field(
+        default=0.1, metadata={"help": "Adaptive schedule: increase of that probability on an eval-loss rise."}
+    )
+    loss_eps: float = field(
+        default=0.1, metadata={"help": "Adaptive schedule: eval-loss rise that raises the student probability."}
+    )
+    replay_capacity: int = field(default=1000, metadata={"help": "Adaptive schedule: replay buffer size (samples)."})
+    replay_ratio_start: float = field(
+        default=0.5, metadata={"help": "Adaptive schedule: share of student batches replayed, at the start."}
+    )
+    replay_ratio_end: float = field(
+        default=0.0, metadata={"help": "Adaptive schedule: share of student batches replayed, at the end."}
+    )
+
+    # Models and generation
+    truncate_teacher_vocab: bool = field(
+        default=False,
+        metadata={"help": "Compare logits on the shared vocabulary when student and teacher vocab sizes differ only "
+                  "by padding rows."},
+    )
+    generation_use_cache: bool = field(
+        default=True, metadata={"help": "Generate with the KV cache even when gradient checkpointing is on."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_mgsr()
+
+    def _validate_mgsr(self):
+        def fail(name, rule):
+            raise ValueError(f"MGSRConfig.{name} {rule}, got {getattr(self, name)!r}.")
+
+        for name, choices in (
+            ("scrg_kl_direction", KL_DIRECTIONS),
+            ("scrg_teacher_token", SCRG_TEACHER_TOKENS),
+            ("dac_mode", DAC_MODES),
+            ("dac_student_support", DAC_STUDENT_SUPPORTS),
+            ("dac_kl_direction", KL_DIRECTIONS),
+            ("span_extractor", SPAN_EXTRACTORS),
+            ("span_distance", SPAN_DISTANCES),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in choices:
+                fail(name, f"must be one of {', '.join(map(repr, choices))}")
+        for name in ("sft_weight", "dac_weight", "span_weight"):
+            if not self._is_number(name) or getattr(self, name) < 0:
+                fail(name, "must be a number >= 0")
+        if self.sft_weight + self.dac_weight + self.span_weight <= 0:
+            raise ValueError(
+                "MGSRConfig: sft_weight, dac_weight and span_weight are all 0, so there is nothing to train; "
+                "set at least one of them > 0."
+            )
+        for name in ("scrg_rounds",):
+            if not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
+                fail(name, "must be an integer >= 0 (0 turns SCRG off)")
+        for name in ("dac_features", "dac_hidden_size", "loss_chunk_size", "replay_capacity"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "must be an integer >= 1")
+        if self.dac_top_k is not None and (not isinstance(self.dac_top_k, int) or self.dac_top_k < self.dac_features):
+            fail("dac_top_k", f"must be None or an integer >= dac_features ({self.dac_features})")
+        for name in ("dac_sharpness", "dac_temperature", "dac_learning_rate"):
+            if not self._is_number(name) or getattr(self, name) <= 0:
+                fail(name, "must be a number > 0")
+        if not 0 < self.dac_min_width <= 1:
+            fail("dac_min_width", "must be in (0, 1]")
+        for name in ("dac_lo", "dac_hi", "init_threshold", "replay_ratio_start", "replay_ratio_end"):
+            if not self._is_number(name) or not 0 <= getattr(self, name) <= 1:
+                fail(name, "must be in [0, 1]")
+        if self.dac_hi - self.dac_lo < self.dac_min_width:
+            raise ValueError(
+                f"MGSRConfig.dac_lo/dac_hi: the band [{self.dac_lo}, {self.dac_hi}] is narrower than "
+                f"dac_min_width={self.dac_min_width}; widen the band or lower dac_min_width."
+            )
+        for name in ("threshold_step", "loss_eps"):
+            if not self._is_number(name) or getattr(self, name) < 0:
+                fail(name, "must be a number >= 0")
+        if self.temperature <= 0:
+            fail("temperature", "must be > 0")
+        if self.max_new_tokens < 1:
+            fail("max_new_tokens", "must be an integer >= 1")
+
+    def _is_number(self, name) -> bool:
+        value = getattr(self, name)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
