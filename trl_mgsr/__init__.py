@@ -2,7 +2,10 @@
 
 from ._trl import SUPPORTED_TRL
 from .config import MGSRConfig
+from .data import MGSRDataCollator
+from .losses import LossTerm, sft_loss
+from .trainer import MGSRTrainer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["MGSRConfig", "SUPPORTED_TRL", "__version__"]
+__all__ = ["LossTerm", "MGSRConfig", "MGSRDataCollator", "MGSRTrainer", "SUPPORTED_TRL", "__version__", "sft_loss"]

@@ -1,0 +1,97 @@
+import pytest
+from trl import TrlParser
+from trl.experimental.gkd import GKDConfig
+
+from trl_mgsr import MGSRConfig
+
+BASE = dict(bf16=False, use_cpu=True, report_to="none")
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("sft_weight", -1.0),
+        ("dac_weight", -0.1),
+        ("span_weight", "x"),
+        ("scrg_rounds", -1),
+        ("scrg_kl_direction", "sideways"),
+        ("scrg_teacher_token", "beam"),
+        ("dac_mode", "adaptive"),
+        ("dac_lo", 1.5),
+        ("dac_hi", -0.2),
+        ("dac_min_width", 0.0),
+        ("dac_min_width", 1.2),
+        ("dac_sharpness", 0.0),
+        ("dac_student_support", "some"),
+        ("dac_kl_direction", "both"),
+        ("dac_temperature", -1.0),
+        ("dac_features", 0),
+        ("dac_hidden_size", 0),
+        ("dac_top_k", 3),
+        ("dac_learning_rate", 0.0),
+        ("span_extractor", "stanza"),
+        ("span_distance", "cosine"),
+        ("loss_chunk_size", 0),
+        ("schedule", "random"),
+        ("init_threshold", 2.0),
+        ("threshold_step", -0.1),
+        ("loss_eps", -1.0),
+        ("replay_capacity", 0),
+        ("replay_ratio_start", 1.5),
+        ("replay_ratio_end", -0.5),
+        ("temperature", 0.0),
+        ("max_new_tokens", 0),
+    ],
+)
+def test_invalid_value_raises_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        MGSRConfig("out", **BASE, **{field: value})
+
+
+def test_band_narrower_than_min_width_is_rejected():
+    with pytest.raises(ValueError, match="dac_lo/dac_hi.*dac_min_width"):
+        MGSRConfig("out", **BASE, dac_lo=0.3, dac_hi=0.6, dac_min_width=0.5)
+
+
+def test_all_weights_zero_is_rejected():
+    with pytest.raises(ValueError, match="sft_weight, dac_weight and span_weight"):
+        MGSRConfig("out", **BASE, sft_weight=0.0, dac_weight=0.0, span_weight=0.0)
+
+
+def test_gkd_range_checks_still_apply():
+    with pytest.raises(ValueError, match="lmbda"):
+        MGSRConfig("out", **BASE, lmbda=1.5)
+
+
+def test_parses_from_command_line_including_dict_fields():
+    parser = TrlParser((MGSRConfig,))
+    (args,) = parser.parse_args_and_config(
+        [
+            "--output_dir", "out", "--bf16", "false", "--use_cpu", "true",
+            "--dac_mode", "fixed", "--dac_lo", "0.1", "--dac_hi", "0.8",
+            "--span_extractor_kwargs", '{"model": "en_core_web_sm"}',
+            "--teacher_model_init_kwargs", '{"dtype": "bfloat16"}',
+            "--dac_top_k", "64", "--scrg_rounds", "2", "--schedule", "adaptive",
+            "--truncate_teacher_vocab", "true",
+        ]
+    )
+    assert isinstance(args, MGSRConfig)
+    assert (args.dac_mode, args.dac_lo, args.dac_hi) == ("fixed", 0.1, 0.8)
+    assert args.span_extractor_kwargs == {"model": "en_core_web_sm"}
+    assert args.teacher_model_init_kwargs == {"dtype": "bfloat16"}
+    assert (args.dac_top_k, args.scrg_rounds, args.schedule, args.truncate_teacher_vocab) == (64, 2, "adaptive", True)
+
+
+def test_invalid_choice_on_command_line_is_rejected():
+    parser = TrlParser((MGSRConfig,))
+    with pytest.raises(SystemExit):
+        parser.parse_args_and_config(["--output_dir", "out", "--dac_mode", "nope"])
+
+
+def test_every_mgsr_field_has_help():
+    from dataclasses import fields
+
+    own = [f for f in fields(MGSRConfig) if f.name not in {g.name for g in fields(GKDConfig)}]
+    assert len(own) >= 30
+    for f in own:
+        assert f.metadata.get("help"), f.name

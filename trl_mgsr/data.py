@@ -1,0 +1,158 @@
+"""Dataset formats accepted by `MGSRTrainer` and the collator that turns rows into distillation batches.
+
+Accepted rows (one format per dataset):
+- `messages`: a conversation whose last message is the assistant's answer (GKD's format);
+- `prompt` + `completion` as strings (TRL's standard prompt-completion format);
+- `prompt` + `completion` as message lists (TRL's conversational prompt-completion format).
+
+Conversations are rendered with the tokenizer's chat template. For the standard format the completion gets the
+tokenizer's eos token appended unless it already ends with it (TRL's SFT convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FORMAT_HELP = (
+    "MGSRTrainer accepts rows with a `messages` column (a list of {'role', 'content'} dicts ending with the "
+    "assistant's answer) or with `prompt` and `completion` columns (both strings, or both lists of messages)."
+)
+
+
+def detect_format(columns: Sequence[str]) -> str:
+    """Return "messages" or "prompt_completion" for a dataset with these columns, or raise naming what is missing."""
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    missing = "`completion`" if "prompt" in columns else "`messages` (or `prompt` and `completion`)"
+    raise ValueError(f"The dataset has columns {sorted(columns)} but no column {missing}. {FORMAT_HELP}")
+
+
+def _check_messages(value: Any, column: str, row: int, need_assistant_last: bool) -> None:
+    ok = isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+    if not ok:
+        raise ValueError(
+            f"Row {row}: column `{column}` must be a non-empty list of {{'role': str, 'content': str}} dicts, "
+            f"got {str(value)[:120]!r}."
+        )
+    if need_assistant_last and value[-1]["role"] != "assistant":
+        raise ValueError(
+            f"Row {row}: the last message of column `{column}` must have role 'assistant' (the completion to "
+            f"distill), got role {value[-1]['role']!r}."
+        )
+
+
+def split_prompt_completion(example: dict, tokenizer, row: int = 0) -> tuple[str, str]:
+    """Render one row as `(prompt_text, completion_text)`; raise a `ValueError` naming the bad column."""
+    if "messages" in example:
+        messages = example["messages"]
+        _check_messages(messages, "messages", row, need_assistant_last=True)
+        if len(messages) < 2:
+            raise ValueError(f"Row {row}: column `messages` needs at least one prompt message before the answer.")
+        return _render_conversation(messages[:-1], messages[-1:], tokenizer, row, "messages")
+    if "prompt" not in example or "completion" not in example:
+        raise ValueError(f"Row {row} has columns {sorted(example)}. {FORMAT_HELP}")
+    prompt, completion = example["prompt"], example["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        eos = tokenizer.eos_token or ""
+        return prompt, completion if completion.endswith(eos) else completion + eos
+    if isinstance(prompt, list) and isinstance(completion, list):
+        _check_messages(prompt, "prompt", row, need_assistant_last=False)
+        _check_messages(completion, "completion", row, need_assistant_last=True)
+        return _render_conversation(prompt, completion, tokenizer, row, "completion")
+    raise ValueError(
+        f"Row {row}: columns `prompt` and `completion` must both be strings or both be lists of messages, got "
+        f"{type(prompt).__name__} and {type(completion).__name__}."
+    )
+
+
+def _render_conversation(prompt_msgs, completion_msgs, tokenizer, row, column) -> tuple[str, str]:
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"Row {row}: column `{column}` holds messages but the tokenizer has no chat template; set "
+            "`tokenizer.chat_template` or use the standard prompt/completion string format."
+        )
+    prompt_text = tokenizer.apply_chat_template(prompt_msgs, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError(
+            f"Row {row}: the chat template does not render the prompt as a prefix of the full conversation, so the "
+            "completion cannot be located; use a template whose generation prompt is a prefix of the next turn."
+        )
+    return prompt_text, full_text[len(prompt_text) :]
+
+
+def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Left-pad lists of ints to one `[B, max_len]` long tensor."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token, counted from there (0 on padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class MGSRDataCollator:
+    """Collate raw rows into a left-padded distillation batch.
+
+    Returns `input_ids`, `attention_mask`, `labels` (`[B, T]`, -100 on prompt and padding), `prompts` and
+    `prompt_attention_mask` (`[B, P]`, the prompts alone, left-padded, for generation) and, when a span
+    extractor is given, `span_ids` (`[B, T]`, -1 outside spans).
+
+    Truncation to `max_length` cuts the completion on the right; a prompt longer than `max_length - 1` tokens
+    keeps its last `max_length - 1` tokens so that at least one completion token remains.
+    """
+
+    tokenizer: Any
+    max_length: int | None = 1024
+    span_fn: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The tokenizer has no pad token; set one (e.g. `tokenizer.pad_token = tokenizer.eos_token`)."
+            )
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts, sequences, prompt_lens = [], [], []
+        for i, example in enumerate(examples):
+            prompt_text, completion_text = split_prompt_completion(example, self.tokenizer, row=i)
+            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            completion_ids = self.tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+            if self.max_length is not None:
+                prompt_ids = prompt_ids[-(self.max_length - 1) :] if self.max_length > 1 else prompt_ids[-1:]
+                completion_ids = completion_ids[: max(self.max_length - len(prompt_ids), 1)]
+            prompts.append(prompt_ids)
+            sequences.append(prompt_ids + completion_ids)
+            prompt_lens.append(len(prompt_ids))
+
+        pad = self.tokenizer.pad_token_id
+        input_ids = left_pad(sequences, pad)
+        attention_mask = left_pad([[1] * len(s) for s in sequences], 0)
+        labels = input_ids.clone()
+        width = input_ids.shape[1]
+        for i, (seq, plen) in enumerate(zip(sequences, prompt_lens)):
+            labels[i, : width - len(seq) + plen] = -100
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompts": left_pad(prompts, pad),
+            "prompt_attention_mask": left_pad([[1] * len(p) for p in prompts], 0),
+        }
+        if self.span_fn is not None:
+            batch["span_ids"] = self.span_fn(self.tokenizer, input_ids, labels != -100)
+        return batch

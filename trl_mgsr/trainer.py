@@ -1,0 +1,407 @@
+"""`MGSRTrainer`: TRL's `GKDTrainer` with MGSR's generation hook (SCRG) and loss (SFT + DAC-KL + span).
+
+How a training step flows (the parts GKD users know keep their names):
+
+1. `get_batch_samples` fetches the micro-batches of one gradient-accumulation window and turns each into a
+   *distillation batch* (`prepare_distillation_batch`): the schedule picks the sequence source (student sample
+   revised by SCRG, teacher sample for `seq_kd`, or the dataset completion), the dataset tensors are kept aside
+   as `sft_*` for the SFT term, and span ids are computed. Then the items of every loss term are counted over the
+   whole window and summed over all ranks.
+2. `training_step` runs as in `transformers.Trainer`; `compute_loss` runs the student (and the teacher, no grad)
+   teacher-forced on the distillation sequence, computes each term as a sum and divides it by the window count.
+   The loss is multiplied by the number of processes because data parallelism averages gradients, so that
+   N ranks x GA k x batch b gives the gradient of one batch N*k*b (`loss_is_scaled_for_ga = True`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import textwrap
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer
+from trl.models import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.sft_trainer import SFTTrainer
+from trl.trainer.utils import disable_dropout_in_model
+
+from ._trl import GKDConfig, GKDTrainer
+from .config import MGSRConfig
+from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
+from .losses import LossTerm, sft_loss
+
+TERMS = ("sft", "dac_kl", "span")
+WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}
+STATE_FILE = "mgsr_state.pt"
+
+
+class MGSRTrainer(GKDTrainer):
+    """Trainer for MGSR knowledge distillation; a drop-in replacement for `GKDTrainer`.
+
+    Takes the same arguments as `GKDTrainer` (plus `span_extractor`, a callable `text -> [(start, end)]` that
+    overrides `args.span_extractor`). `args` may be an `MGSRConfig` or a plain `GKDConfig` (converted, MGSR options
+    at their defaults).
+
+    Differences from `GKDTrainer`, all deliberate:
+    - the loss is `sft_weight * L_SFT + dac_weight * L_DAC-KL + span_weight * L_span` (see `MGSRConfig`), each term
+      normalised by its item count over the accumulation window and all ranks, counted after generation;
+    - the on-policy coin comes from a dedicated RNG seeded with `args.seed`, so every rank draws the same decision;
+    - generation uses the KV cache even with gradient checkpointing on (`generation_use_cache`);
+    - every forward gets position ids derived from the attention mask;
+    - a teacher whose vocab differs from the student's only by padding rows is accepted with
+      `truncate_teacher_vocab=True`; `teacher_model_init_kwargs` may omit `dtype`;
+    - `GKDTrainer.__init__` is not run (its vocab check and kwargs handling are replaced); its attributes
+      (`teacher_model`, `lmbda`, `beta`, `temperature`, `seq_kd`, `generation_config`) exist with the same meaning.
+    """
+
+    _tag_names = ["trl", "gkd", "mgsr"]
+    _name = "MGSR"
+    _paper = {
+        "title": "Multi-Granularity Semantic Revision for Large Language Model Distillation",
+        "id": "2407.10068",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{liu2026mgsr,
+                title        = {{Multi-Granularity Semantic Revision for Large Language Model Distillation}},
+                author       = {Xiaoyu Liu and Yun Zhang and Wei Li and Simiao Li and Xudong Huang and Hanting Chen and Yehui Tang and Jie Hu and Zhiwei Xiong and Yunhe Wang},
+                year         = 2026,
+                booktitle    = {Proceedings of the Annual Meeting of the Association for Computational Linguistics (ACL)},
+                eprint       = {arXiv:2407.10068},
+            }"""),
+    }
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str | None = None,
+        args: GKDConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+        formatting_func=None,
+        span_extractor: Callable[[str], list[tuple[int, int]]] | None = None,
+    ):
+        args = _as_mgsr_config(args, model)
+        if formatting_func is not None:
+            raise ValueError(
+                "MGSRTrainer does not take `formatting_func`: give rows with `messages` or `prompt`/`completion` "
+                "columns (format them with `dataset.map` first)."
+            )
+        teacher_model = _load_teacher(teacher_model, args)
+        if processing_class is None:
+            source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            if not source:
+                raise ValueError("MGSRTrainer needs `processing_class` (the tokenizer) when `model` is not a path/id.")
+            processing_class = AutoTokenizer.from_pretrained(source)
+        for name, dataset in _named_datasets(train_dataset, eval_dataset):
+            _validate_dataset(dataset, processing_class, name)
+
+        self._span_extractor = span_extractor
+        args.remove_unused_columns = False  # the collator needs the raw columns
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if data_collator is None:
+            data_collator = MGSRDataCollator(processing_class, max_length=args.max_length)
+
+        SFTTrainer.__init__(
+            self,
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+        )
+        self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, processing_class, args)
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+            disable_dropout_in_model(teacher_model)
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+
+        self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
+        self.generation_kwargs = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 1.0,
+            "use_cache": args.generation_use_cache or not args.gradient_checkpointing,
+            "pad_token_id": processing_class.pad_token_id,
+        }
+        student_vocab = self.model.config.get_text_config().vocab_size
+        if self.shared_vocab_size < student_vocab:  # never sample ids the teacher does not have
+            self.generation_kwargs["suppress_tokens"] = list(range(self.shared_vocab_size, student_vocab))
+        self.generation_config = GenerationConfig(**self.generation_kwargs)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.generation_config.eos_token_id = eos if eos is not None else processing_class.eos_token_id
+        # One RNG for every schedule decision; same seed on every rank, same number of draws => same decisions.
+        self._schedule_rng = random.Random(args.seed)
+
+    # ------------------------------------------------------------------ schedule and batch preparation
+
+    def next_sequence_source(self) -> str:
+        """Draw the source of the next micro-batch's distillation sequence: "student", "teacher" or "dataset"."""
+        if self._schedule_rng.random() < self.lmbda:
+            return "student"
+        return "teacher" if self.seq_kd else "dataset"
+
+    def prepare_distillation_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Replace the dataset sequence by the step's distillation sequence; keep the dataset tensors as `sft_*`."""
+        source = self.next_sequence_source()
+        if source != "dataset":
+            if self.args.sft_weight > 0:
+                for key in ("input_ids", "attention_mask", "labels"):
+                    inputs[f"sft_{key}"] = inputs[key]
+            if source == "student":
+                with unwrap_model_for_generation(
+                    self.model_wrapped,
+                    self.accelerator,
+                    generation_kwargs=self.generation_kwargs,
+                    gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                ) as unwrapped:
+                    ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
+            else:
+                with unwrap_model_for_generation(
+                    self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
+                ) as unwrapped:
+                    ids, mask, labels = GKDTrainer.generate_on_policy_outputs(
+                        unwrapped, inputs, self.generation_config
+                    )
+            inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
+        inputs["mgsr_on_policy"] = torch.tensor(float(source == "student"), device=inputs["input_ids"].device)
+        inputs["mgsr_prepared"] = True
+        return inputs
+
+    def generate_on_policy_outputs(self, model, inputs, generation_config):
+        """Sample completions from the student; returns GKD's `(input_ids, attention_mask, labels)` layout."""
+        return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch one accumulation window, prepare each micro-batch, and count every term's items over the window.
+
+        Returns `(batches, counts)`; `counts` maps each term to its item count summed over the window and all
+        ranks, and is what `compute_loss` receives as `num_items_in_batch`.
+        """
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        batches = [self.prepare_distillation_batch(self._prepare_inputs(batch)) for batch in batches]
+        return batches, self.count_items(batches, device)
+
+    def count_items(self, batches: list[dict[str, Any]], device=None) -> dict[str, torch.Tensor]:
+        """Item count of each loss term summed over `batches` and over all processes."""
+        local = torch.zeros(len(TERMS), dtype=torch.long, device=device or self.args.device)
+        for batch in batches:
+            for i, (_, count) in enumerate(self._term_item_counts(batch)):
+                local[i] += count
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        return dict(zip(TERMS, total))
+
+    def _term_item_counts(self, batch):
+        labels = batch["labels"][:, 1:]
+        sft_labels = batch.get("sft_labels", batch["labels"])[:, 1:]
+        return [
+            ("sft", (sft_labels != -100).sum()),
+            ("dac_kl", (labels != -100).sum()),
+            ("span", torch.zeros((), dtype=torch.long, device=labels.device)),
+        ]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not inputs.get("mgsr_prepared"):  # called outside the training loop: this batch is the whole window
+            inputs = self.prepare_distillation_batch(self._prepare_inputs(inputs))
+            num_items_in_batch = self.count_items([inputs])
+        return Trainer.training_step(self, model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ loss
+
+    def _forward(self, model, input_ids, attention_mask):
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`sum_t weight_t * (term_t sum / term_t count)`; counts come from `count_items` during training.
+
+        Outside the training loop (evaluation) each term is a mean over this batch's own items.
+        """
+        vocab = self.shared_vocab_size
+        student_outputs = self._forward(model, inputs["input_ids"], inputs["attention_mask"])
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_logits = self._forward(self.teacher_model, inputs["input_ids"], inputs["attention_mask"]).logits
+        student_logits = student_outputs.logits[:, :-1, :vocab]
+        teacher_logits = teacher_logits[:, :-1, :vocab]
+        labels = inputs["labels"][:, 1:]
+
+        terms: dict[str, LossTerm] = {}
+        if self.args.sft_weight > 0:
+            if "sft_input_ids" in inputs:
+                sft_logits = self._forward(model, inputs["sft_input_ids"], inputs["sft_attention_mask"]).logits
+                terms["sft"] = sft_loss(sft_logits[:, :-1, :vocab], inputs["sft_labels"][:, 1:])
+            else:
+                terms["sft"] = sft_loss(student_logits, labels)
+        if self.args.dac_weight > 0:
+            terms["dac_kl"] = self.dac_kl_term(student_logits, teacher_logits, labels)
+
+        global_counts = isinstance(num_items_in_batch, dict)
+        loss = student_logits.new_zeros(())
+        for name, term in terms.items():
+            count = num_items_in_batch[name] if global_counts else term.num_items
+            loss = loss + getattr(self.args, WEIGHT_FIELDS[name]) * term.total / count.clamp(min=1)
+        if global_counts:
+            loss = loss * self.accelerator.num_processes
+        self._log_terms(terms, inputs)
+        return (loss, student_outputs) if return_outputs else loss
+
+    def dac_kl_term(self, student_logits, teacher_logits, labels) -> LossTerm:
+        """The token-level term. Until DAC-KL lands: GKD's generalized JSD (with `beta`), summed over tokens."""
+        mask = labels != -100
+        jsd = self.generalized_jsd_loss(student_logits, teacher_logits, labels, beta=self.beta, reduction="sum")
+        return LossTerm(total=jsd, num_items=mask.sum(), stats={})
+
+    def _log_terms(self, terms: dict[str, LossTerm], inputs) -> None:
+        """Log each term as its mean over this micro-batch's items on all ranks (`mgsr/<term>`), plus stats."""
+        mode = "train" if self.model.training else "eval"
+        names, values = [], []
+        for name, term in terms.items():
+            names.append((f"mgsr/{name}", f"{name}_items"))
+            values += [term.total.detach().float(), term.num_items.float()]
+            for stat, value in term.stats.items():
+                names.append((f"mgsr/{name}_{stat}", f"{name}_items"))
+                values += [value.detach().float(), term.num_items.float()]
+        if "mgsr_on_policy" in inputs:
+            names.append(("mgsr/on_policy", None))
+            values += [inputs["mgsr_on_policy"].float(), torch.ones((), device=inputs["mgsr_on_policy"].device)]
+        if not values:
+            return
+        summed = self.accelerator.gather_for_metrics(torch.stack(values).unsqueeze(0)).sum(0).tolist()
+        for i, (key, _) in enumerate(names):
+            numerator, denominator = summed[2 * i], summed[2 * i + 1]
+            self._metrics[mode][key].append(numerator / denominator if denominator > 0 else 0.0)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def mgsr_state_dict(self) -> dict[str, Any]:
+        """Everything MGSR owns that a resumed run needs (not part of the saved student)."""
+        return {"schedule_rng": self._schedule_rng.getstate()}
+
+    def load_mgsr_state_dict(self, state: dict[str, Any]) -> None:
+        self._schedule_rng.setstate(state["schedule_rng"])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            torch.save(self.mgsr_state_dict(), os.path.join(checkpoint, STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if os.path.isfile(path):
+            self.load_mgsr_state_dict(torch.load(path, weights_only=False))
+
+
+# ---------------------------------------------------------------------- construction helpers
+
+
+def _as_mgsr_config(args, model) -> MGSRConfig:
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        return MGSRConfig(f"{str(name).split('/')[-1] or 'model'}-MGSR")
+    if isinstance(args, MGSRConfig):
+        return args
+    if isinstance(args, GKDConfig):
+        values = {f.name: getattr(args, f.name) for f in fields(GKDConfig) if f.init and hasattr(args, f.name)}
+        return MGSRConfig(**values)
+    raise TypeError(f"`args` must be an MGSRConfig (or a GKDConfig), got {type(args).__name__}.")
+
+
+def _load_teacher(teacher_model, args: MGSRConfig):
+    if teacher_model is None:
+        teacher_model = args.teacher_model_name_or_path
+    if teacher_model is None:
+        raise ValueError(
+            "MGSRTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
+            "`teacher_model_name_or_path` in the config."
+        )
+    if not isinstance(teacher_model, str):
+        if args.teacher_model_init_kwargs:
+            raise ValueError(
+                "`teacher_model_init_kwargs` is set but `teacher_model` is already a model; drop the kwargs or pass "
+                "the teacher as a path/id."
+            )
+        return teacher_model
+    kwargs = dict(args.teacher_model_init_kwargs or {})
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"teacher_model_init_kwargs['dtype']={dtype!r} is not a torch dtype name.")
+        kwargs["dtype"] = getattr(torch, dtype)
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
+
+
+def _shared_vocab_size(student, teacher, tokenizer, args: MGSRConfig) -> int:
+    """The vocab size both models' logits are compared on; raise when the vocabularies are not compatible."""
+    student_vocab = student.config.get_text_config().vocab_size
+    teacher_vocab = teacher.config.get_text_config().vocab_size
+    if student_vocab == teacher_vocab:
+        return student_vocab
+    shared = min(student_vocab, teacher_vocab)
+    if len(tokenizer) > shared:
+        raise ValueError(
+            f"The student has vocab_size {student_vocab} and the teacher {teacher_vocab}, and the tokenizer has "
+            f"{len(tokenizer)} tokens, more than the smaller of the two: the models do not share a vocabulary. "
+            "MGSR compares full next-token distributions, so use a teacher from the same tokenizer family."
+        )
+    if not args.truncate_teacher_vocab:
+        raise ValueError(
+            f"The student has vocab_size {student_vocab} and the teacher {teacher_vocab}; every tokenizer id is "
+            f"below {shared}, so the extra rows look like same-family padding. Set `truncate_teacher_vocab=True` "
+            f"to compare logits on the first {shared} entries."
+        )
+    return shared
+
+
+def _named_datasets(train_dataset, eval_dataset):
+    if train_dataset is not None:
+        yield "train_dataset", train_dataset
+    if isinstance(eval_dataset, dict):
+        for key, dataset in eval_dataset.items():
+            yield f"eval_dataset[{key!r}]", dataset
+    elif eval_dataset is not None:
+        yield "eval_dataset", eval_dataset
+
+
+def _validate_dataset(dataset, tokenizer, name: str) -> None:
+    """Check columns and the first row up front, so a bad dataset fails at construction, not mid-training."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or len(dataset) == 0:
+        return
+    try:
+        detect_format(columns)
+        split_prompt_completion(dataset[0], tokenizer, row=0)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
