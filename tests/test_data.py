@@ -1,0 +1,111 @@
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import tiny_args
+from trl_mgsr import MGSRConfig, MGSRDataCollator, MGSRTrainer
+from trl_mgsr.testing import build_pair, build_tokenizer, toy_rows
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "conversational"])
+def test_each_format_trains(fmt, tokenizer, tmp_path):
+    student, teacher = build_pair(tokenizer)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = MGSRTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=tiny_args(MGSRConfig, tmp_path, max_steps=3, lmbda=0.5),
+        train_dataset=Dataset.from_list(toy_rows(8, fmt)),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "conversational"])
+def test_collator_labels_cover_exactly_the_completion(fmt, tokenizer):
+    rows = toy_rows(3, fmt)
+    batch = MGSRDataCollator(tokenizer, max_length=256)(rows)
+    for i, row in enumerate(rows):
+        completion_ids = batch["input_ids"][i][batch["labels"][i] != -100]
+        text = tokenizer.decode(completion_ids)
+        answer = row["messages"][-1]["content"] if fmt == "messages" else (
+            row["completion"] if fmt == "prompt_completion" else row["completion"][0]["content"]
+        )
+        assert answer.strip() in text and text.endswith(tokenizer.eos_token)
+        # The prompt tensor is the sequence minus its completion, left-padded the same way.
+        n_prompt = int(batch["prompt_attention_mask"][i].sum())
+        real = batch["input_ids"][i][batch["attention_mask"][i] == 1]
+        assert torch.equal(batch["prompts"][i][-n_prompt:], real[:n_prompt])
+        assert len(real) == n_prompt + len(completion_ids)
+
+
+def test_pad_equal_to_eos_keeps_the_end_token_in_labels():
+    tok = build_tokenizer(same_pad_and_eos=True)
+    assert tok.pad_token_id == tok.eos_token_id
+    batch = MGSRDataCollator(tok, max_length=256)(toy_rows(3, "prompt_completion"))
+    for i in range(3):
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert labelled[-1] == tok.eos_token_id  # the end token is a target ...
+        assert (labelled == tok.eos_token_id).sum() == 1  # ... and padding (same id) is not
+
+
+def test_truncation_keeps_the_prompt_and_cuts_the_completion(tokenizer):
+    row = {"prompt": "Question: what is the capital of France?", "completion": " Paris " * 40}
+    prompt_len = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+    batch = MGSRDataCollator(tokenizer, max_length=prompt_len + 5)([row])
+    assert batch["input_ids"].shape[1] == prompt_len + 5
+    assert int(batch["prompt_attention_mask"].sum()) == prompt_len
+    assert int((batch["labels"] != -100).sum()) == 5
+
+
+def test_prompt_longer_than_max_length_keeps_one_completion_token(tokenizer):
+    row = {"prompt": "word " * 100, "completion": " end"}
+    batch = MGSRDataCollator(tokenizer, max_length=16)([row])
+    assert batch["input_ids"].shape[1] == 16
+    assert int((batch["labels"] != -100).sum()) == 1
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{"text": "hello"}], r"no column `messages` \(or `prompt` and `completion`\)"),
+        ([{"prompt": "hello"}], r"no column `completion`"),
+        ([{"messages": "not a list"}], r"column `messages` must be a non-empty list"),
+        ([{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}],
+         r"last message of column `messages` must have role 'assistant'"),
+        ([{"prompt": "q", "completion": 3}], r"columns `prompt` and `completion` must both be strings"),
+        ([{"prompt": [{"role": "user", "content": "q"}], "completion": [{"content": "a"}]}],
+         r"column `completion` must be a non-empty list"),
+    ],
+)
+def test_malformed_dataset_fails_at_construction_naming_the_column(rows, match, tokenizer, tmp_path):
+    student, teacher = build_pair(tokenizer)
+    with pytest.raises(ValueError, match=match):
+        MGSRTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=tiny_args(MGSRConfig, tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+
+
+def test_malformed_later_row_fails_in_the_collator_naming_row_and_column(tokenizer):
+    rows = toy_rows(2, "messages") + [{"messages": [{"role": "user", "content": "only a question"}]}]
+    with pytest.raises(ValueError, match=r"Row 2: the last message of column `messages`"):
+        MGSRDataCollator(tokenizer)(rows)
+
+
+def test_eval_dataset_is_validated_too(tokenizer, tmp_path):
+    student, teacher = build_pair(tokenizer)
+    with pytest.raises(ValueError, match=r"eval_dataset\['held'\]"):
+        MGSRTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=tiny_args(MGSRConfig, tmp_path),
+            train_dataset=Dataset.from_list(toy_rows(4)),
+            eval_dataset={"held": Dataset.from_list([{"question": "x"}])},
+            processing_class=tokenizer,
+        )
