@@ -1,0 +1,69 @@
+"""One SGD step of MGSRTrainer on fixed data; returns the student's weight change (= -gradient with lr 1).
+
+Imported by the tests for the single-process runs and launched with `torchrun` for the multi-process ones:
+`torchrun --nproc_per_node 2 tests/grad_step.py OUT.pt PER_DEVICE GA SFT DAC SPAN LMBDA`.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch
+from datasets import Dataset
+
+from trl_mgsr import MGSRConfig, MGSRTrainer
+from trl_mgsr.testing import build_pair, build_tokenizer, toy_rows
+
+
+def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0, steps=1):
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    student, teacher = build_pair(tokenizer, "llama")
+    before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    # Answers of different lengths, so a mean of micro-batch means would differ from the token mean.
+    rows = toy_rows(8)[: 4 * steps]
+    args = MGSRConfig(
+        str(output_dir),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        max_steps=steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        logging_steps=1,
+        max_new_tokens=5,
+        max_length=64,
+        sft_weight=sft,
+        dac_weight=dac,
+        span_weight=span,
+        lmbda=lmbda,
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    trainer = MGSRTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: (v.detach().cpu() - before[k]) for k, v in model.named_parameters()}, trainer
+
+
+if __name__ == "__main__":
+    out, per_device, ga, sft, dac, span, lmbda = sys.argv[1:8]
+    delta, trainer = grad_step(
+        os.path.dirname(out), int(per_device), int(ga), float(sft), float(dac), float(span), float(lmbda)
+    )
+    if trainer.accelerator.is_main_process:
+        torch.save(delta, out)
+    else:  # every rank must end with the same weights
+        torch.save(delta, out + ".rank1")
