@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
@@ -155,6 +156,7 @@ class MGSRTrainer(GKDTrainer):
         self.generation_config.eos_token_id = eos if eos is not None else processing_class.eos_token_id
         # One RNG for every schedule decision; same seed on every rank, same number of draws => same decisions.
         self._schedule_rng = random.Random(args.seed)
+        self._rng_resume: str | None = None  # checkpoint whose RNG state must be restored before generating
 
     # ------------------------------------------------------------------ schedule and batch preparation
 
@@ -207,6 +209,9 @@ class MGSRTrainer(GKDTrainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self._rng_resume is not None:  # see `_load_rng_state`
+            checkpoint, self._rng_resume = self._rng_resume, "restored"
+            super()._load_rng_state(checkpoint)
         batches = [self.prepare_distillation_batch(self._prepare_inputs(batch)) for batch in batches]
         return batches, self.count_items(batches, device)
 
@@ -302,6 +307,25 @@ class MGSRTrainer(GKDTrainer):
             self._metrics[mode][key].append(numerator / denominator if denominator > 0 else 0.0)
 
     # ------------------------------------------------------------------ checkpoints
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._rng_resume = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_rng_state(self, checkpoint):
+        """Restore RNG state before a resumed run's first generation, not after it.
+
+        On a mid-epoch resume `Trainer` restores the RNG state after `get_batch_samples`, but the on-policy samples
+        are drawn inside it; so the first window restores it itself (before generating) and the Trainer's later
+        call is skipped. When the Trainer restores before the loop (resume at an epoch boundary) nothing changes.
+        """
+        if self._rng_resume == "restored":
+            self._rng_resume = None
+            return
+        self._rng_resume = None
+        super()._load_rng_state(checkpoint)
 
     def mgsr_state_dict(self) -> dict[str, Any]:
         """Everything MGSR owns that a resumed run needs (not part of the saved student)."""
