@@ -346,11 +346,12 @@ def test_batched_equals_row_by_row_table_model():
     assert res.corrected.sum() >= 3
 
 
-def test_batched_equals_row_by_row_tiny_llama():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: absolute positions, so position ids must be right
+def test_batched_equals_row_by_row_tiny_models(family):
     from trl_mgsr.testing import build_pair, build_tokenizer
 
     tok = build_tokenizer()
-    student, teacher = build_pair(tok, "llama", seed=3)
+    student, teacher = build_pair(tok, family, seed=3)
     torch.manual_seed(0)
     texts = ["The quick brown fox", "What is the capital of France?", "Hi"]
     enc = tok(texts, return_tensors="pt", padding=True)
@@ -501,8 +502,11 @@ def test_teacher_token_sample_is_a_teacher_sample():
 
 
 def test_rounds_two_equals_one_round_twice():
-    student, teacher = make_pair(h={**H_ROW, 25: 7.0}, snext={19: EOS})
-    pid, pm, cid, cm = batch([PROMPT, [9, 25]], [COMPLETION, [31, 2, 4, 6, 8, 10]], lengths=[5, 6])
+    # Row 2 follows the teacher (3 -> 5 -> 7 -> 9) and then the teacher wants EOS: corrected in round 1 only.
+    student, teacher = make_pair(h={**H_ROW, 25: 7.0}, snext={19: EOS}, tnext={9: EOS})
+    pid, pm, cid, cm = batch(
+        [PROMPT, [9, 25], [2, 3]], [COMPLETION, [31, 2, 4, 6, 8, 10], [5, 7, 9, 30]], lengths=[5, 6, 4]
+    )
     once = revise(student, teacher, pid, pm, cid, cm, rounds=1)
     twice = revise(student, teacher, pid, pm, once.completion_ids, once.completion_mask, rounds=1)
     res = revise(student, teacher, pid, pm, cid, cm, rounds=2)
@@ -515,7 +519,9 @@ def test_rounds_two_equals_one_round_twice():
         expected = torch.where(twice.corrected, getattr(twice, field), getattr(once, field))
         assert torch.allclose(getattr(res, field).float(), expected.float()), field
     assert torch.equal(res.num_corrections, once.corrected.long() + twice.corrected.long())
-    assert res.num_corrections.max() == 2
+    assert res.num_corrections.tolist() == [2, 2, 1]
+    assert res.error_pos[2] == 3 and res.teacher_token[2] == EOS
+    assert row_tokens(res.completion_ids, res.completion_mask, 2) == [5, 7, 9, EOS]
     assert torch.equal(res.corrected, once.corrected | twice.corrected)
     zero = revise(student, teacher, pid, pm, cid, cm, rounds=0)
     assert torch.equal(zero.completion_ids, cid) and not zero.corrected.any()
