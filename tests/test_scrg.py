@@ -566,6 +566,21 @@ def test_models_run_in_eval_mode_and_training_flags_are_restored():
     assert student.training and not student.dropout.training and not teacher.training
 
 
+def test_empty_batch_and_empty_completions():
+    student, teacher = make_pair(h=H_ROW)
+    pid = torch.tensor([[2, 3], [0, 4]])
+    pm = torch.tensor([[1, 1], [0, 1]])
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    res = revise(student, teacher, pid, pm, empty, empty, always_generate=True)
+    assert res.completion_ids.shape == (2, 0) and not res.corrected.any()
+    res = revise(student, teacher, pid[:0], pm[:0], empty[:0], empty[:0], always_generate=True)
+    assert res.completion_ids.shape == (0, 0) and res.error_pos.shape == (0,)
+    # a row whose completion is empty (mask all 0) next to a corrected one
+    p2, pm2, cid, cm = batch([PROMPT, [2, 3]], [COMPLETION, [PAD] * 7], lengths=[5, 0])
+    res = revise(student, teacher, p2, pm2, cid, cm)
+    assert res.corrected.tolist() == [True, False] and res.completion_mask[1].sum() == 0
+
+
 def test_metrics():
     student, teacher = make_pair(h=H_ROW)
     agree, a = [], 3

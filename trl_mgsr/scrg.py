@@ -440,7 +440,7 @@ def _regenerate(
     if dummy:
         idx = torch.zeros(1, dtype=torch.long, device=device)
     prefix_ids, prefix_mask = _left_aligned_prefixes(
-        input_ids[idx], attention_mask[idx], prefix_lengths[idx], pad_token_id
+        input_ids[idx], attention_mask[idx], prefix_lengths[idx].clamp(max=input_ids.shape[1]), pad_token_id
     )
     max_new = 1 if dummy else int(left[idx].max().item())
     config = copy.deepcopy(generation_config)
@@ -539,6 +539,8 @@ def scrg_revise(
         regen_len=torch.zeros(B, dtype=torch.long, device=device),
         num_corrections=torch.zeros(B, dtype=torch.long, device=device),
     )
+    if B == 0:
+        return result
     for r in range(rounds):
         step = scrg_round(
             student,
