@@ -11,8 +11,6 @@ token, so teacher/student disagreements, divergences and generations are known e
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,9 +245,8 @@ def test_suffix_from_student_and_budget_respected(max_new_tokens):
             comp.append(a)
         rows.append((prompt, comp))
     pid, pm, cid, cm = batch([p for p, _ in rows], [c for _, c in rows])
-    teacher_only = make_pair(h={22: 9.0})[1]
 
-    res = revise(student, teacher_only, pid, pm, cid, cm, max_new_tokens=max_new_tokens)
+    res = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=max_new_tokens)
 
     check_invariants(res, cid, cm, max_new_tokens)
     assert res.completion_mask.sum(1).max() <= max_new_tokens
@@ -262,7 +259,6 @@ def test_suffix_from_student_and_budget_respected(max_new_tokens):
         assert len(toks) == max_new_tokens  # the student never ends: it fills the budget exactly
         assert res.regen_len[r] == max_new_tokens - j - 1
         assert all(12 <= x <= 21 for x in toks[j + 1:])  # student tokens, never the teacher's
-    del student
 
 
 def test_student_regeneration_stops_at_its_end_token():
