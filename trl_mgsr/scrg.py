@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .data import position_ids_from_mask
 import torch.nn.functional as F
 
 __all__ = [
@@ -192,11 +194,6 @@ def _eval_mode(*models) -> Iterator[None]:
     finally:
         for module, was_training in saved:
             module.training = was_training
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch: `(mask.cumsum(-1) - 1).clamp(min=0)`."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _completion_logits(model, input_ids, attention_mask, num_completion: int) -> torch.Tensor:

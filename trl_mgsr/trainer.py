@@ -35,6 +35,7 @@ from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .losses import LossTerm, sft_loss
+from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
 
 TERMS = ("sft", "dac_kl", "span")
 WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}
@@ -194,8 +195,58 @@ class MGSRTrainer(GKDTrainer):
         return inputs
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
-        """Sample completions from the student; returns GKD's `(input_ids, attention_mask, labels)` layout."""
-        return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+        """Sample completions from the student and revise them with SCRG; returns GKD's layout.
+
+        `(input_ids, attention_mask, labels)`: left-padded prompt, completion up to and including its first end
+        token, labels -100 on prompt and padding. The sampling pass's own logits serve as the student's logits of
+        SCRG's first round (no extra student forward). With `scrg_rounds=0` this is GKD's hook.
+        """
+        prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
+        pad, eos = self.processing_class.pad_token_id, generation_config.eos_token_id
+        use_scrg = self.args.scrg_rounds > 0
+        out = model.generate(
+            input_ids=prompts, attention_mask=prompt_mask, generation_config=generation_config,
+            return_dict_in_generate=True, output_logits=use_scrg,
+        )
+        completion_ids, completion_mask = completion_from_generate(out.sequences, prompts.shape[1], eos)
+        if use_scrg:
+            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank must run the same collectives
+            result = scrg_revise(
+                model,
+                self.teacher_model,
+                prompts,
+                prompt_mask,
+                completion_ids,
+                completion_mask,
+                generation_config=generation_config,
+                eos_token_ids=eos,
+                pad_token_id=pad,
+                rounds=self.args.scrg_rounds,
+                kl_direction=self.args.scrg_kl_direction,
+                teacher_token=self.args.scrg_teacher_token,
+                allow_eos=self.args.scrg_allow_eos_correction,
+                vocab_size=self.shared_vocab_size,
+                student_logits=torch.stack(out.logits, dim=1) if out.logits else None,
+                always_generate=sharded,
+                generate_kwargs={"synced_gpus": True} if sharded else None,
+                chunk_size=self.args.loss_chunk_size,
+            )
+            completion_ids, completion_mask = result.completion_ids, result.completion_mask
+            self._log_scrg(result)
+        return assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
+
+    def _log_scrg(self, result) -> None:
+        """Per-step SCRG metrics over all ranks: share of rows corrected and means over corrected rows."""
+        sums = result.metric_sums()
+        values = torch.stack(list(sums.values()))
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        s = dict(zip(sums, values.tolist()))
+        corrected = max(s["corrected"], 1.0)
+        metrics = self._metrics["train"]
+        metrics["mgsr/scrg_corrected_frac"].append(s["corrected"] / max(s["rows"], 1.0))
+        for key in ("error_pos", "divergence", "regen_len"):
+            metrics[f"mgsr/scrg_{key}"].append(s[key] / corrected)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch one accumulation window, prepare each micro-batch, and count every term's items over the window.

@@ -1,0 +1,76 @@
+"""SCRG inside MGSRTrainer's on-policy hook."""
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from conftest import tiny_args
+from trl_mgsr import MGSRConfig, MGSRTrainer
+from trl_mgsr.data import position_ids_from_mask
+from trl_mgsr.scrg import completion_from_generate
+from trl_mgsr.testing import build_pair, toy_rows
+
+
+def make(tokenizer, tmp_path, peft=False, **overrides):
+    student, teacher = build_pair(tokenizer)
+    trainer = MGSRTrainer(
+        model=student, teacher_model=teacher, args=tiny_args(MGSRConfig, tmp_path, **overrides),
+        train_dataset=Dataset.from_list(toy_rows(8)), processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if peft else None,
+    )
+    trainer.model_wrapped = trainer.model
+    return trainer
+
+
+def on_policy_batch(trainer):
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return trainer.prepare_distillation_batch(batch)
+
+
+def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8)
+    batch = on_policy_batch(trainer)
+    metrics = trainer._metrics["train"]
+    for key in ("scrg_corrected_frac", "scrg_error_pos", "scrg_divergence", "scrg_regen_len"):
+        assert len(metrics[f"mgsr/{key}"]) == 1
+    # Random tiny models disagree almost everywhere: SCRG corrects some row.
+    assert metrics["mgsr/scrg_corrected_frac"][0] > 0
+    completion = batch["labels"][:, batch["prompts"].shape[1]:] != -100
+    assert int(completion.sum(1).max()) <= 8  # never beyond max_new_tokens
+
+
+def test_scrg_rounds_zero_is_gkds_hook(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, scrg_rounds=0)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    torch.manual_seed(3)
+    ours = trainer.generate_on_policy_outputs(trainer.model, dict(batch), trainer.generation_config)
+    torch.manual_seed(3)
+    gkd = type(trainer).__mro__[1].generate_on_policy_outputs(trainer.model, dict(batch), trainer.generation_config)
+    for a, b in zip(ours, gkd):
+        assert torch.equal(a, b)
+    assert "mgsr/scrg_corrected_frac" not in trainer._metrics["train"]
+
+
+def test_sampling_logits_equal_teacher_forced_student_logits(tokenizer, tmp_path):
+    # SCRG's first round reuses the sampling pass's logits instead of a student forward; they must agree.
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model, prompts, mask = trainer.model, batch["prompts"], batch["prompt_attention_mask"]
+    out = model.generate(input_ids=prompts, attention_mask=mask, generation_config=trainer.generation_config,
+                         return_dict_in_generate=True, output_logits=True)
+    ids, cmask = completion_from_generate(out.sequences, prompts.shape[1], trainer.generation_config.eos_token_id)
+    full_mask = torch.cat([mask, cmask], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences, attention_mask=full_mask,
+                       position_ids=position_ids_from_mask(full_mask)).logits
+    forced = logits[:, prompts.shape[1] - 1 : -1]
+    sampled = torch.stack(out.logits, dim=1)
+    real = cmask.bool()
+    torch.testing.assert_close(sampled[real], forced[real], rtol=1e-4, atol=1e-4)
+
+
+def test_full_training_run_lmbda_one_with_lora(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path, peft=True, lmbda=1.0, max_steps=3)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "mgsr/scrg_corrected_frac" in e]
+    assert len(logged) == 3 and all(e["mgsr/on_policy"] == 1.0 for e in logged)
