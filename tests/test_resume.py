@@ -34,10 +34,10 @@ def test_checkpoint_holds_the_schedule_rng_and_resume_restores_it(tokenizer, tmp
     state = torch.load(tmp_path / "a" / "checkpoint-2" / "mgsr_state.pt", weights_only=False)
     expected = random.Random(0)  # seed 0, one draw per micro-batch, 2 micro-batches before the checkpoint
     expected.random(), expected.random()
-    assert state["schedule_rng"] == expected.getstate()
+    assert state["schedule"]["rng"] == expected.getstate()
 
     student, teacher = build_pair(tokenizer)
     other = MGSRTrainer(model=student, teacher_model=teacher, args=tiny_args(MGSRConfig, tmp_path / "b", lmbda=0.5),
                         train_dataset=Dataset.from_list(toy_rows(8)), processing_class=tokenizer)
     other._load_from_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
-    assert other._schedule_rng.getstate() == expected.getstate()
+    assert other.schedule.rng.getstate() == expected.getstate()

@@ -34,10 +34,13 @@ from trl.trainer.utils import disable_dropout_in_model
 from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
+from .data import left_pad
 from .losses import LossTerm, sft_loss
+from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
 
 TERMS = ("sft", "dac_kl", "span")
+REPLAY_KEYS = ("input_ids", "attention_mask", "labels")
 WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}
 STATE_FILE = "mgsr_state.pt"
 
@@ -156,25 +159,35 @@ class MGSRTrainer(GKDTrainer):
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.generation_config.eos_token_id = eos if eos is not None else processing_class.eos_token_id
         # One RNG for every schedule decision; same seed on every rank, same number of draws => same decisions.
-        self._schedule_rng = random.Random(args.seed)
+        rng = random.Random(args.seed)
+        if args.schedule == "adaptive":
+            self.schedule = AdaptiveSchedule(
+                rng, args.init_threshold, args.threshold_step, args.loss_eps, args.replay_capacity,
+                args.replay_ratio_start, args.replay_ratio_end,
+            )
+        else:
+            self.schedule = GKDSchedule(rng, args.lmbda)
         self._rng_resume: str | None = None  # checkpoint whose RNG state must be restored before generating
 
     # ------------------------------------------------------------------ schedule and batch preparation
 
-    def next_sequence_source(self) -> str:
-        """Draw the source of the next micro-batch's distillation sequence: "student", "teacher" or "dataset"."""
-        if self._schedule_rng.random() < self.lmbda:
-            return "student"
-        return "teacher" if self.seq_kd else "dataset"
+    def next_sequence_source(self, batch_size: int = 1) -> str:
+        """Draw the source of the next micro-batch's distillation sequence: "student", "replay" (adaptive
+        schedule), "teacher" (`seq_kd`) or "dataset"."""
+        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
+        source = self.schedule.decide(progress, batch_size)
+        if source == OFF_POLICY:
+            return "teacher" if self.seq_kd else "dataset"
+        return source
 
     def prepare_distillation_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Replace the dataset sequence by the step's distillation sequence; keep the dataset tensors as `sft_*`."""
-        source = self.next_sequence_source()
+        source = self.next_sequence_source(inputs["input_ids"].shape[0])
         if source != "dataset":
             if self.args.sft_weight > 0:
                 for key in ("input_ids", "attention_mask", "labels"):
                     inputs[f"sft_{key}"] = inputs[key]
-            if source == "student":
+            if source == STUDENT:
                 with unwrap_model_for_generation(
                     self.model_wrapped,
                     self.accelerator,
@@ -182,6 +195,8 @@ class MGSRTrainer(GKDTrainer):
                     gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
                 ) as unwrapped:
                     ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
+            elif source == REPLAY:
+                ids, mask, labels = self._replayed_batch(inputs["input_ids"].shape[0], inputs["input_ids"].device)
             else:
                 with unwrap_model_for_generation(
                     self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
@@ -190,9 +205,22 @@ class MGSRTrainer(GKDTrainer):
                         unwrapped, inputs, self.generation_config
                     )
             inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
-        inputs["mgsr_on_policy"] = torch.tensor(float(source == "student"), device=inputs["input_ids"].device)
+            if source == STUDENT and isinstance(self.schedule, AdaptiveSchedule):
+                self.schedule.buffer.add_batch(inputs, REPLAY_KEYS)
+        device = inputs["input_ids"].device
+        inputs["mgsr_on_policy"] = torch.tensor(float(source == STUDENT), device=device)
+        inputs["mgsr_replay"] = torch.tensor(float(source == REPLAY), device=device)
         inputs["mgsr_prepared"] = True
         return inputs
+
+    def _replayed_batch(self, batch_size: int, device):
+        """`batch_size` distinct buffered samples, left-padded into `(input_ids, attention_mask, labels)`."""
+        rows = self.schedule.buffer.sample(batch_size, self.schedule.rng)
+        pad = self.processing_class.pad_token_id
+        return tuple(
+            left_pad([row[key].tolist() for row in rows], value).to(device)
+            for key, value in (("input_ids", pad), ("attention_mask", 0), ("labels", -100))
+        )
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
         """Sample completions from the student and revise them with SCRG; returns GKD's layout.
@@ -347,9 +375,10 @@ class MGSRTrainer(GKDTrainer):
             for stat, value in term.stats.items():
                 names.append((f"mgsr/{name}_{stat}", f"{name}_items"))
                 values += [value.detach().float(), term.num_items.float()]
-        if "mgsr_on_policy" in inputs:
-            names.append(("mgsr/on_policy", None))
-            values += [inputs["mgsr_on_policy"].float(), torch.ones((), device=inputs["mgsr_on_policy"].device)]
+        for flag in ("on_policy", "replay"):
+            if f"mgsr_{flag}" in inputs:
+                names.append((f"mgsr/{flag}", None))
+                values += [inputs[f"mgsr_{flag}"].float(), torch.ones((), device=inputs[f"mgsr_{flag}"].device)]
         if not values:
             return
         summed = self.accelerator.gather_for_metrics(torch.stack(values).unsqueeze(0)).sum(0).tolist()
@@ -378,12 +407,23 @@ class MGSRTrainer(GKDTrainer):
         self._rng_resume = None
         super()._load_rng_state(checkpoint)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`Trainer.evaluate`; the adaptive schedule also sees the evaluation loss (of the first eval dataset)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        first = metric_key_prefix == "eval" or (
+            isinstance(self.eval_dataset, dict) and metric_key_prefix == f"eval_{next(iter(self.eval_dataset))}"
+        )
+        if isinstance(self.schedule, AdaptiveSchedule) and first and f"{metric_key_prefix}_loss" in metrics:
+            self.schedule.on_eval_loss(metrics[f"{metric_key_prefix}_loss"])
+            self._metrics["train"]["mgsr/student_threshold"].append(self.schedule.threshold)
+        return metrics
+
     def mgsr_state_dict(self) -> dict[str, Any]:
         """Everything MGSR owns that a resumed run needs (not part of the saved student)."""
-        return {"schedule_rng": self._schedule_rng.getstate()}
+        return {"schedule": self.schedule.state_dict()}
 
     def load_mgsr_state_dict(self, state: dict[str, Any]) -> None:
-        self._schedule_rng.setstate(state["schedule_rng"])
+        self.schedule.load_state_dict(state["schedule"])
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
