@@ -15,6 +15,7 @@ How a training step flows (the parts GKD users know keep their names):
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import textwrap
@@ -232,10 +233,9 @@ class MGSRTrainer(GKDTrainer):
         prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
         pad, eos = self.processing_class.pad_token_id, generation_config.eos_token_id
         use_scrg = self.args.scrg_rounds > 0
-        out = model.generate(
-            input_ids=prompts, attention_mask=prompt_mask, generation_config=generation_config,
-            return_dict_in_generate=True, output_logits=use_scrg,
-        )
+        sampling_config = copy.deepcopy(generation_config)
+        sampling_config.update(return_dict_in_generate=True, output_logits=use_scrg)
+        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=sampling_config)
         completion_ids, completion_mask = completion_from_generate(out.sequences, prompts.shape[1], eos)
         if use_scrg:
             sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank must run the same collectives
