@@ -329,22 +329,36 @@ def _offsets_stream(backend, ids: Sequence[int], special: frozenset[int]) -> tup
 
 
 def _offsets_prefix(decode: Callable[[list[int]], str], ids: Sequence[int], special: frozenset[int]):
-    """Fallback for tokenizers without a `tokenizers` backend: decode growing prefixes (O(T^2), slow but generic)."""
+    """Fallback for tokenizers without a usable `tokenizers` backend: decode growing prefixes (O(T^2), slow but
+    generic). A prefix whose text ends in U+FFFD (an incomplete character) is held back, like DecodeStream does, and
+    its tokens get the range of the text that the completing token adds."""
     n = len(ids)
     starts, ends = [0] * n, [0] * n
     kept: list[int] = []
+    pending: list[int] = []
     prev = ""
+
+    def commit(cur: str) -> None:
+        common, limit = 0, min(len(prev), len(cur))
+        while common < limit and prev[common] == cur[common]:
+            common += 1
+        for j in pending:
+            starts[j], ends[j] = common, len(cur)
+        pending.clear()
+
     for i, tid in enumerate(ids):
         if tid in special:
             starts[i] = ends[i] = len(prev)
             continue
         kept.append(tid)
+        pending.append(i)
         cur = decode(kept)
-        common = 0
-        limit = min(len(prev), len(cur))
-        while common < limit and prev[common] == cur[common]:
-            common += 1
-        starts[i], ends[i] = common, len(cur)
+        if not cur.endswith("\ufffd"):
+            commit(cur)
+            prev = cur
+    if pending:  # the text ends inside a character
+        cur = decode(kept)
+        commit(cur)
         prev = cur
     return prev, starts, ends
 
