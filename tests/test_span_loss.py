@@ -142,8 +142,11 @@ def test_chunked_matches_reference_fp32(distance, chunk_size, temperature):
     )
     assert out.num_items.item() == ref.num_items.item() == NUM_PAIRS
     torch.testing.assert_close(out.total, ref.total, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out_grad, ref_grad, rtol=1e-4, atol=1e-7)
-    assert ref_grad.abs().max() > 0
+    # l1's gradient uses sign(ĉs - ĉt): where both are tiny and nearly equal, rounding may flip it, hence an
+    # absolute tolerance relative to the gradient's scale
+    scale = ref_grad.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(out_grad, ref_grad, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -170,26 +173,26 @@ def test_chunked_on_non_contiguous_shifted_logits():
     (grad,) = torch.autograd.grad(term.total, student)
     ref, ref_grad = _grad(span_loss, full_s, full_t)
     torch.testing.assert_close(term.total, ref.total.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad[:, :-1], ref_grad / 1.7, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad[:, :-1], ref_grad / 1.7, rtol=1e-4, atol=1e-6)
     assert (grad[:, -1] == 0).all()
 
 
 def test_chunked_works_on_at_most_chunk_size_pairs_at_a_time(monkeypatch):
     seen = []
-    original = span_mod._chunk_distance
+    for name in ("_chunk_value", "_chunk_grad"):
+        original = getattr(span_mod, name)
 
-    def spy(s_u, t_u, ia, ib, *args):
-        seen.append((s_u.shape[0], ia.numel()))
-        return original(s_u, t_u, ia, ib, *args)
+        def spy(student_logits, teacher_logits, b, k, *args, _original=original):
+            seen.append(b.numel())
+            return _original(student_logits, teacher_logits, b, k, *args)
 
-    monkeypatch.setattr(span_mod, "_chunk_distance", spy)
+        monkeypatch.setattr(span_mod, name, spy)
     student = _logits(14, requires_grad=True)
     term = chunked_span_loss(student, _logits(15), LABELS, SPAN_IDS, chunk_size=4)
     term.total.backward()
     n_chunks = -(-NUM_PAIRS // 4)
     assert len(seen) == 2 * n_chunks  # forward, then recomputation in backward
-    assert all(pairs <= 4 and positions <= 2 * 4 for positions, pairs in seen)
-    assert sum(pairs for _, pairs in seen[:n_chunks]) == NUM_PAIRS
+    assert max(seen) == 4 and sum(seen[:n_chunks]) == NUM_PAIRS
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -219,3 +222,17 @@ def test_argument_errors():
         chunked_span_loss(s, t, LABELS, SPAN_IDS, chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         chunked_span_loss(s, t, LABELS, SPAN_IDS, temperature=0.0)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_masked_vocab_entries_minus_inf(distance):
+    """Vocabulary padding masked with -inf (in both models) must not give NaN, and both paths must agree."""
+    student, teacher = _logits(19), _logits(20)
+    student[..., -5:] = float("-inf")
+    teacher[..., -5:] = float("-inf")
+    ref, ref_grad = _grad(span_loss, student, teacher, distance=distance)
+    out, out_grad = _grad(chunked_span_loss, student, teacher, distance=distance, chunk_size=4)
+    assert torch.isfinite(ref.total) and torch.isfinite(out.total)
+    assert torch.isfinite(ref_grad).all() and torch.isfinite(out_grad).all()
+    torch.testing.assert_close(out.total, ref.total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_grad, ref_grad, rtol=1e-4, atol=1e-6)

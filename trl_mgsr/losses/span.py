@@ -18,9 +18,13 @@ rarely share their likely tokens, so sum(C) is near 0) and l1/l2 on them would g
 silent on this point, so this is our choice. `temperature` divides both models' logits; no T^2 factor is applied
 (as in TRL's `generalized_jsd_loss`). Computation is in float32 whatever the logits' dtype.
 
-`span_loss` is the reference (all pairs at once). `chunked_span_loss` processes `chunk_size` pairs at a time, in
-forward and in backward (where each chunk is recomputed), so that the float32 working memory is a few
-`[chunk, V]` tensors per model instead of `[pairs, V]`; it matches the reference in value and gradient.
+Note that log p_k + log p_{k+1} = z_k + z_{k+1} - const (z: logits), so Ĉ = softmax(z_k + z_{k+1}): the
+normalised correlation is the distribution of the summed logits of the two positions.
+
+`span_loss` is the reference (literal formula, all pairs at once, autograd). `chunked_span_loss` uses the identity
+above and closed-form gradients, `chunk_size` pairs at a time, in forward and again in backward (recomputation),
+so that the float32 working memory is one `[chunk, V]` tensor per model (plus transients) instead of several
+`[pairs, V]`; it matches the reference in value and gradient (tests).
 """
 
 from __future__ import annotations
@@ -101,42 +105,56 @@ def span_loss(
     return LossTerm(total=total, num_items=num_items, stats={})
 
 
-def _chunk_distance(s_u, t_u, ia, ib, distance, temperature) -> torch.Tensor:
-    """Summed distance of one chunk from the gathered logits of its unique positions `[U, V]` (any dtype)."""
-    s = s_u.float()
-    t = t_u.float()
+def _log_corr_from_logits(logits: torch.Tensor, b: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log Ĉ `[P, V]` float32 for the pairs (b, k), (b, k+1), straight from the logits.
+
+    Since log p = z - logsumexp(z), log p_k + log p_{k+1} differs from z_k + z_{k+1} by a per-pair constant, which
+    the normalisation removes: Ĉ = softmax((z_k + z_{k+1}) / temperature). One `[P, V]` float32 tensor.
+    """
+    z = logits[b, k].float()
+    z += logits[b, k + 1]
     if temperature != 1.0:
-        s = s / temperature
-        t = t / temperature
-    lp_s = s.log_softmax(-1)
-    del s
-    log_cs = _log_corr(lp_s[ia], lp_s[ib])
-    del lp_s
-    lp_t = t.log_softmax(-1)
-    del t
-    log_ct = _log_corr(lp_t[ia], lp_t[ib])
-    del lp_t
-    return _distance(log_ct, log_cs, distance).sum()
+        z /= temperature
+    return z.log_softmax(-1)
 
 
-def _chunks(b: torch.Tensor, k: torch.Tensor, T: int, chunk_size: int):
-    """Per chunk of pairs: (batch index, position) of its unique positions and, per pair, the index of its first and
-    second position among them."""
-    for start in range(0, b.numel(), chunk_size):
-        fa = b[start : start + chunk_size] * T + k[start : start + chunk_size]
-        uniq, inverse = torch.unique(torch.cat([fa, fa + 1]), return_inverse=True)
-        n = fa.numel()
-        yield uniq // T, uniq % T, inverse[:n], inverse[n:]
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product `[P]` without a `[P, V]` temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _chunk_value(student_logits, teacher_logits, b, k, distance, temperature) -> torch.Tensor:
+    """Distance summed over one chunk of pairs. Two `[P, V]` float32 tensors (teacher, student)."""
+    log_ct = _log_corr_from_logits(teacher_logits, b, k, temperature)
+    log_cs = _log_corr_from_logits(student_logits, b, k, temperature)
+    if distance == "kl":
+        diff = log_cs.neg_().add_(log_ct)  # log ĉt - log ĉs
+        diff.masked_fill_(torch.isneginf(log_ct), 0.0)  # ĉt == 0 exactly (-inf logits): the term is 0
+        return _rowdot(log_ct.exp_(), diff).sum()
+    diff = log_ct.exp_().sub_(log_cs.exp_())
+    return _rowdot(diff, diff).sum() if distance == "l2" else diff.abs_().sum()
+
+
+def _chunk_grad(student_logits, teacher_logits, b, k, distance, temperature) -> torch.Tensor:
+    """Gradient `[P, V]` float32 of the chunk's summed distance with respect to (z_k + z_{k+1}) / temperature,
+    the same for both positions of a pair. Two `[P, V]` float32 tensors (teacher, student)."""
+    ct = _log_corr_from_logits(teacher_logits, b, k, temperature).exp_()
+    cs = _log_corr_from_logits(student_logits, b, k, temperature).exp_()
+    if distance == "kl":
+        return cs.sub_(ct)  # d KL(ĉt || softmax(z)) / dz = ĉs - ĉt
+    g = ct.neg_().add_(cs)  # ĉs - ĉt
+    g = g.mul_(2.0) if distance == "l2" else g.sign_()  # d distance / d ĉs
+    return g.sub_(_rowdot(g, cs).unsqueeze(-1)).mul_(cs)  # softmax Jacobian: ĉs * (g - <g, ĉs>)
 
 
 class _ChunkedSpanLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, b, k, distance, temperature, chunk_size):
-        T = student_logits.shape[1]
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         with torch.no_grad():
-            for bu, ku, ia, ib in _chunks(b, k, T, chunk_size):
-                total += _chunk_distance(student_logits[bu, ku], teacher_logits[bu, ku], ia, ib, distance, temperature)
+            for start in range(0, b.numel(), chunk_size):
+                sl = slice(start, start + chunk_size)
+                total += _chunk_value(student_logits, teacher_logits, b[sl], k[sl], distance, temperature)
         ctx.save_for_backward(student_logits, teacher_logits, b, k)
         ctx.config = (distance, temperature, chunk_size)
         return total
@@ -146,13 +164,14 @@ class _ChunkedSpanLoss(torch.autograd.Function):
         student_logits, teacher_logits, b, k = ctx.saved_tensors
         distance, temperature, chunk_size = ctx.config
         grad = torch.zeros_like(student_logits)
-        T = student_logits.shape[1]
-        for bu, ku, ia, ib in _chunks(b, k, T, chunk_size):
-            s_u = student_logits[bu, ku].detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = _chunk_distance(s_u, teacher_logits[bu, ku], ia, ib, distance, temperature)
-            (g,) = torch.autograd.grad(loss, s_u, grad_output)
-            grad.index_put_((bu, ku), g, accumulate=True)
+        scale = grad_output.float() / temperature
+        with torch.no_grad():
+            for start in range(0, b.numel(), chunk_size):
+                bs, ks = b[start : start + chunk_size], k[start : start + chunk_size]
+                g = _chunk_grad(student_logits, teacher_logits, bs, ks, distance, temperature)
+                g = g.mul_(scale).to(grad.dtype)
+                grad.index_put_((bs, ks), g, accumulate=True)
+                grad.index_put_((bs, ks + 1), g, accumulate=True)
         return grad, None, None, None, None, None, None
 
 
@@ -168,10 +187,13 @@ def chunked_span_loss(
 ) -> LossTerm:
     """`span_loss` computed `chunk_size` pairs at a time (MGSRConfig.loss_chunk_size), with exact gradients.
 
-    Forward keeps only the running sum; backward recomputes each chunk and writes its gradient into the
-    `[B, T, V]` gradient of `student_logits`. Working memory: a few `[chunk_size, V]` float32 tensors per model
-    (the log-probabilities of the chunk's unique positions, then its normalised log-correlations), never
-    `[pairs, V]`. Works on non-contiguous logits (e.g. `logits[:, :-1]`) without copying them.
+    Uses Ĉ = softmax((z_k + z_{k+1}) / temperature) (the normalisation cancels the two log-softmax constants) and
+    the closed-form gradient with respect to z_k + z_{k+1}, which both positions of a pair receive. Forward keeps
+    only the running sum; backward recomputes each chunk and adds its gradient into the `[B, T, V]` gradient of
+    `student_logits`, so nothing of logits size is held between forward and backward. Working memory per chunk:
+    one `[chunk_size, V]` float32 tensor per model (plus the `[chunk_size, V]` gathered logits in their own dtype
+    and a transient of the same size inside log_softmax), never `[pairs, V]`. Works on non-contiguous logits
+    (e.g. `logits[:, :-1]`) without copying them.
     """
     _check(student_logits, teacher_logits, labels, span_ids, distance, temperature)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
