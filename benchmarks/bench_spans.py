@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trl_mgsr import spans as spans_mod  # noqa: E402
-from trl_mgsr.spans import get_span_extractor, span_ids_from_tokens, span_pair_mask  # noqa: E402
+from trl_mgsr.spans import get_span_extractor, span_counts, span_ids_from_tokens, span_pair_mask  # noqa: E402
 from trl_mgsr.testing import SAMPLE_TEXTS, build_tokenizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dolly"
@@ -123,7 +123,7 @@ def main() -> None:
     extract_s = time.perf_counter() - start
 
     n = len(rows)
-    spans_per_seq = sum((o.max(dim=1).values + 1).sum().item() for o in outputs) / n
+    spans_per_seq = sum(span_counts(o).sum().item() for o in outputs) / n
     pairs = sum(span_pair_mask(o, torch.where(m, i, -100)).sum().item() for o, (i, m) in zip(outputs, batches))
     in_span = sum((o >= 0).sum().item() for o in outputs) / (n * args.completion_len)
     result = {

@@ -20,6 +20,7 @@ from trl_mgsr.spans import (
     get_span_extractor,
     nltk_spans,
     span_ids_from_tokens,
+    span_counts,
     span_pair_mask,
     spacy_spans,
     spans_for_token_ids,
@@ -574,3 +575,9 @@ def test_tokenizer_without_fast_backend(family):
 
     ids, mask = _batch(tok, [PROMPT], [COMPLETION], eos=True)
     assert torch.equal(span_ids_from_tokens(SlowTokenizer(), ids, mask), span_ids_from_tokens(tok, ids, mask))
+
+
+def test_span_counts():
+    span_ids = torch.tensor([[-1, 0, 0, 1, 1, -1], [-1, -1, -1, -1, -1, -1], [0, 0, 1, 1, 2, 2]])
+    assert span_counts(span_ids).tolist() == [2, 0, 3]
+    assert span_counts(torch.zeros(2, 0, dtype=torch.long)).tolist() == [0, 0]

@@ -36,6 +36,7 @@ __all__ = [
     "spacy_spans",
     "span_ids_from_tokens",
     "spans_for_token_ids",
+    "span_counts",
     "span_pair_mask",
 ]
 
@@ -547,3 +548,11 @@ def span_pair_mask(span_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     valid = (span_ids != -1) & (labels != -100)
     mask[..., :-1] = valid[..., :-1] & valid[..., 1:] & (span_ids[..., :-1] == span_ids[..., 1:])
     return mask
+
+
+def span_counts(span_ids: torch.Tensor) -> torch.Tensor:
+    """Number of spans per row `[B]` (long) of a span-id tensor `[B, T]` (ids are 0, 1, ... per row, -1 elsewhere);
+    for the "spans per sequence" metric."""
+    if span_ids.shape[-1] == 0:
+        return torch.zeros(span_ids.shape[:-1], dtype=torch.long, device=span_ids.device)
+    return (span_ids.max(dim=-1).values + 1).clamp_min(0).long()
