@@ -10,7 +10,7 @@ import torch
 
 from grad_step import grad_step
 
-TERMS = {"sft": (1.0, 0.0, 0.0), "dac_kl": (0.0, 1.0, 0.0), "sum": (1.0, 1.0, 0.0)}
+TERMS = {"sft": (1.0, 0.0, 0.0), "dac_kl": (0.0, 1.0, 0.0), "span": (0.0, 0.0, 1.0), "sum": (1.0, 1.0, 1.0)}
 
 
 def assert_same_update(a, b):

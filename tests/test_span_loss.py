@@ -58,12 +58,6 @@ def _naive(student, teacher, labels, span_ids, distance, temperature=1.0):
     return total, n
 
 
-def test_distances_match_config_choices():
-    from trl_mgsr.config import SPAN_DISTANCES as CONFIG_DISTANCES
-
-    assert tuple(SPAN_DISTANCES) == tuple(CONFIG_DISTANCES) == tuple(DISTANCES)
-
-
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_reference_matches_naive_float64(distance, temperature):

@@ -152,20 +152,24 @@ def test_generation_uses_kv_cache_with_gradient_checkpointing(tokenizer, tmp_pat
 
 
 def test_loss_is_the_weighted_sum_of_the_logged_terms(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0, sft_weight=0.3, dac_weight=2.0)
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0, sft_weight=0.3, dac_weight=2.0, span_weight=0.7)
     batch = first_batch(trainer)
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(trainer.model, batch)
     metrics = trainer._metrics["train"]
-    expected = 0.3 * metrics["mgsr/sft"][-1] + 2.0 * metrics["mgsr/dac_kl"][-1]
+    assert metrics["mgsr/span_pairs"][-1] > 0  # the span term really contributes
+    expected = 0.3 * metrics["mgsr/sft"][-1] + 2.0 * metrics["mgsr/dac_kl"][-1] + 0.7 * metrics["mgsr/span"][-1]
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_zero_weight_terms_are_not_computed(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0, sft_weight=0.0)
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0, sft_weight=0.0, span_weight=0.0)
     trainer._metrics["train"].clear()
-    trainer.compute_loss(trainer.model, first_batch(trainer))
-    assert "mgsr/sft" not in trainer._metrics["train"] and "mgsr/dac_kl" in trainer._metrics["train"]
+    batch = first_batch(trainer)
+    assert "span_ids" not in batch  # no span extraction when the span term is off
+    trainer.compute_loss(trainer.model, batch)
+    logged = trainer._metrics["train"]
+    assert "mgsr/sft" not in logged and "mgsr/span" not in logged and "mgsr/dac_kl" in logged
 
 
 def test_window_counts_sum_micro_batches(tokenizer, tmp_path):

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._trl import GKDConfig
+from .losses.span import SPAN_DISTANCES
 
 SCHEDULES = ("gkd", "adaptive")
 KL_DIRECTIONS = ("forward", "reverse")
 DAC_MODES = ("learned", "fixed")
 DAC_STUDENT_SUPPORTS = ("full", "band")
 SPAN_EXTRACTORS = ("builtin", "nltk", "spacy")
-SPAN_DISTANCES = ("kl", "l2", "l1")
 SCRG_TEACHER_TOKENS = ("greedy", "sample")
 
 

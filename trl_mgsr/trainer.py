@@ -36,12 +36,13 @@ from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
-from .losses import LossTerm, sft_loss
+from .losses import LossTerm, chunked_span_loss, sft_loss
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
+from .spans import get_span_extractor, span_counts, span_ids_from_tokens, span_pair_mask
 
 TERMS = ("sft", "dac_kl", "span")
-REPLAY_KEYS = ("input_ids", "attention_mask", "labels")
+REPLAY_KEYS = ("input_ids", "attention_mask", "labels", "span_ids")
 WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}
 STATE_FILE = "mgsr_state.pt"
 
@@ -114,11 +115,18 @@ class MGSRTrainer(GKDTrainer):
         for name, dataset in _named_datasets(train_dataset, eval_dataset):
             _validate_dataset(dataset, processing_class, name)
 
-        self._span_extractor = span_extractor
+        # Built once here, so a missing NLTK/spaCy fails at construction rather than mid-training.
+        self.span_extractor = (
+            get_span_extractor(span_extractor or args.span_extractor, **(args.span_extractor_kwargs or {}))
+            if args.span_weight > 0
+            else None
+        )
         args.remove_unused_columns = False  # the collator needs the raw columns
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if data_collator is None:
-            data_collator = MGSRDataCollator(processing_class, max_length=args.max_length)
+            data_collator = MGSRDataCollator(
+                processing_class, max_length=args.max_length, span_fn=self.span_ids if self.span_extractor else None
+            )
 
         SFTTrainer.__init__(
             self,
@@ -206,6 +214,12 @@ class MGSRTrainer(GKDTrainer):
                         unwrapped, inputs, self.generation_config
                     )
             inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
+            inputs.pop("span_ids", None)  # the dataset's spans; a replayed batch brings its own
+            if source == REPLAY and self.span_extractor is not None:
+                inputs["span_ids"] = self._replayed_span_ids
+        if self.span_extractor is not None and "span_ids" not in inputs:
+            inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
+        if source != "dataset":
             if source == STUDENT and isinstance(self.schedule, AdaptiveSchedule):
                 self.schedule.buffer.add_batch(inputs, REPLAY_KEYS)
         device = inputs["input_ids"].device
@@ -215,13 +229,19 @@ class MGSRTrainer(GKDTrainer):
         return inputs
 
     def _replayed_batch(self, batch_size: int, device):
-        """`batch_size` distinct buffered samples, left-padded into `(input_ids, attention_mask, labels)`."""
+        """`batch_size` distinct buffered samples, left-padded into `(input_ids, attention_mask, labels)`; their
+        span ids (when the span term is on) are left in `self._replayed_span_ids`."""
         rows = self.schedule.buffer.sample(batch_size, self.schedule.rng)
         pad = self.processing_class.pad_token_id
-        return tuple(
-            left_pad([row[key].tolist() for row in rows], value).to(device)
-            for key, value in (("input_ids", pad), ("attention_mask", 0), ("labels", -100))
-        )
+        padding = {"input_ids": pad, "attention_mask": 0, "labels": -100, "span_ids": -1}
+        batch = {key: left_pad([row[key].tolist() for row in rows], value).to(device)
+                 for key, value in padding.items() if key in rows[0]}
+        self._replayed_span_ids = batch.get("span_ids")
+        return batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    def span_ids(self, tokenizer, input_ids, completion_mask):
+        """Span ids `[B, T]` of the completion tokens (-1 elsewhere), from `span_extractor`; off the graph."""
+        return span_ids_from_tokens(tokenizer, input_ids, completion_mask, self.span_extractor)
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
         """Sample completions from the student and revise them with SCRG; returns GKD's layout.
@@ -309,7 +329,8 @@ class MGSRTrainer(GKDTrainer):
         return [
             ("sft", (sft_labels != -100).sum()),
             ("dac_kl", (labels != -100).sum()),
-            ("span", torch.zeros((), dtype=torch.long, device=labels.device)),
+            ("span", span_pair_mask(batch["span_ids"][:, 1:], labels).sum() if "span_ids" in batch
+             else torch.zeros((), dtype=torch.long, device=labels.device)),
         ]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -348,6 +369,14 @@ class MGSRTrainer(GKDTrainer):
                 terms["sft"] = sft_loss(student_logits, labels)
         if self.args.dac_weight > 0:
             terms["dac_kl"] = self.dac_kl_term(student_logits, teacher_logits, labels)
+        if self.args.span_weight > 0:
+            if "span_ids" not in inputs:  # a user collator without spans
+                inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
+            span_ids = inputs["span_ids"][:, 1:]
+            terms["span"] = chunked_span_loss(
+                student_logits, teacher_logits, labels, span_ids, distance=self.args.span_distance,
+                chunk_size=self.args.loss_chunk_size,
+            )
 
         global_counts = isinstance(num_items_in_batch, dict)
         loss = student_logits.new_zeros(())
@@ -366,24 +395,24 @@ class MGSRTrainer(GKDTrainer):
         return LossTerm(total=jsd, num_items=mask.sum(), stats={})
 
     def _log_terms(self, terms: dict[str, LossTerm], inputs) -> None:
-        """Log each term as its mean over this micro-batch's items on all ranks (`mgsr/<term>`), plus stats."""
+        """Log ratios summed over all ranks in one gather: each term's mean over its items (`mgsr/<term>`) and its
+        stats, the share of on-policy and replayed micro-batches, spans per sequence and span pairs per
+        micro-batch."""
         mode = "train" if self.model.training else "eval"
-        names, values = [], []
+        one = torch.ones((), device=inputs["input_ids"].device)
+        ratios = []  # (key, numerator, denominator)
         for name, term in terms.items():
-            names.append((f"mgsr/{name}", f"{name}_items"))
-            values += [term.total.detach().float(), term.num_items.float()]
-            for stat, value in term.stats.items():
-                names.append((f"mgsr/{name}_{stat}", f"{name}_items"))
-                values += [value.detach().float(), term.num_items.float()]
-        for flag in ("on_policy", "replay"):
-            if f"mgsr_{flag}" in inputs:
-                names.append((f"mgsr/{flag}", None))
-                values += [inputs[f"mgsr_{flag}"].float(), torch.ones((), device=inputs[f"mgsr_{flag}"].device)]
-        if not values:
-            return
-        summed = self.accelerator.gather_for_metrics(torch.stack(values).unsqueeze(0)).sum(0).tolist()
-        for i, (key, _) in enumerate(names):
-            numerator, denominator = summed[2 * i], summed[2 * i + 1]
+            ratios.append((f"mgsr/{name}", term.total.detach(), term.num_items))
+            ratios += [(f"mgsr/{name}_{stat}", value, term.num_items) for stat, value in term.stats.items()]
+        ratios += [(f"mgsr/{flag}", inputs[f"mgsr_{flag}"], one) for flag in ("on_policy", "replay")
+                   if f"mgsr_{flag}" in inputs]
+        if "span" in terms:
+            ratios.append(("mgsr/spans_per_seq", span_counts(inputs["span_ids"]).sum(), inputs["span_ids"].shape[0]))
+            ratios.append(("mgsr/span_pairs", terms["span"].num_items, one))
+        values = torch.stack([torch.stack([torch.as_tensor(n, device=one.device).float(),
+                                           torch.as_tensor(d, device=one.device).float()]) for _, n, d in ratios])
+        summed = self.accelerator.gather_for_metrics(values.unsqueeze(0)).sum(0).tolist()
+        for (key, _, _), (numerator, denominator) in zip(ratios, summed):
             self._metrics[mode][key].append(numerator / denominator if denominator > 0 else 0.0)
 
     # ------------------------------------------------------------------ checkpoints
