@@ -26,7 +26,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .cli import OneLineErrors
 from .config import MGSRConfig
-from .evaluation import DATA_FILE_SUFFIXES, render_prompt
+from .evaluation import DATA_FILE_SUFFIXES, quiet_datasets, render_prompt
 
 
 @dataclass
@@ -73,7 +73,8 @@ def _load_file(path: str, what: str):
     if not path.endswith(DATA_FILE_SUFFIXES):
         raise ValueError(f"{what} {path}: unsupported file type; use .jsonl, .json or .parquet")
     kind = "parquet" if path.endswith(".parquet") else "json"
-    return load_dataset(kind, data_files=path, split="train")
+    with quiet_datasets():
+        return load_dataset(kind, data_files=path, split="train")
 
 
 def to_training_format(dataset, source: str):

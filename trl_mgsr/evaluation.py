@@ -17,6 +17,7 @@ The scoring is a pure function, `score_generations(predictions, references)`, so
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -142,6 +143,20 @@ def set_name(source: str) -> str:
     return stem or path
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars while a small local file loads (keeps CLI errors to one line)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -163,7 +178,8 @@ def load_rows(source: str, split: str = "test") -> list[dict[str, Any]]:
             from datasets import load_dataset
 
             kind = "parquet" if source.endswith(".parquet") else "json"
-            return list(load_dataset(kind, data_files=source, split="train"))
+            with quiet_datasets():
+                return list(load_dataset(kind, data_files=source, split="train"))
         raise EvalError(f"{source}: unsupported file type; use .jsonl, .json or .parquet")
     if source.endswith(DATA_FILE_SUFFIXES) or os.sep in source and not os.path.isdir(source):
         if not os.path.exists(source):
@@ -442,3 +458,31 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(result), end="")
     print(f"Results written to {paths['results.json']}, {paths['results.md']} and {paths['generations.jsonl']}")
     return 0
+
+
+def completion_loss(model, tokenizer, rows: Sequence[dict[str, Any]], batch_size: int = 16, max_length: int = 512) -> float:
+    """Teacher-forced cross-entropy per completion token (nats) of `model` on rows in a trainer format
+    (`messages` or `prompt`/`completion`)."""
+    import torch
+
+    from .data import MGSRDataCollator, position_ids_from_mask
+
+    collator = MGSRDataCollator(tokenizer, max_length=max_length)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collator(list(rows[start : start + batch_size]))
+            mask = batch["attention_mask"].to(device)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            ).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(device)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
