@@ -116,7 +116,8 @@ def test_distill_lora_merge_adapter(workdir):
 ERRORS = {
     "unknown command": (lambda w, t: ["distil"], "unknown command"),
     "distill missing file": (lambda w, t: ["--dataset_name", str(t / "missing.jsonl")], "no such file"),
-    "distill unknown column": (lambda w, t: ["--dataset_name", str(t / "bad.jsonl")], "has columns ['answer', 'question']"),
+    "distill unknown column": (lambda w, t: ["--dataset_name", str(t / "bad.jsonl")],
+                               "has columns ['answer', 'question']"),
     "distill bad flag": (lambda w, t: ["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
     "distill bad value": (lambda w, t: ["--dac_lo", "2"], "MGSRConfig.dac_lo must be in [0, 1]"),
     "distill bad choice": (lambda w, t: ["--schedule", "nope"], "invalid choice"),

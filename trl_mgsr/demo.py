@@ -41,6 +41,7 @@ class DemoSettings:
     student_layers: int = 2
     teacher_steps: int = 400
     teacher_lr: float = 3e-3
+    teacher_batch_size: int = 16
     distill_steps: int = 120
     batch_size: int = 8
     learning_rate: float = 3e-3
@@ -55,8 +56,8 @@ class DemoSettings:
 
 QUICK = DemoSettings(
     held_out=6, vocab_size=512, teacher_hidden=32, teacher_layers=2, student_hidden=16, student_layers=1,
-    teacher_steps=12, distill_steps=3, batch_size=4, max_new_tokens=8, max_length=128, seeds=(10, 20),
-    eval_max_new_tokens=12, eval_batch_size=8, curve_every=1,
+    teacher_steps=12, teacher_batch_size=4, distill_steps=3, batch_size=4, max_new_tokens=8, max_length=128,
+    seeds=(10, 20), eval_max_new_tokens=12, eval_batch_size=8, curve_every=1,
 )
 
 
@@ -127,7 +128,8 @@ def _fit_teacher(teacher, tokenizer, rows, s: DemoSettings, curve: list) -> None
     order = torch.randperm(len(rows), generator=generator).tolist()
     teacher.train()
     for step in range(s.teacher_steps):
-        picked = [order[(step * s.batch_size + i) % len(order)] for i in range(s.batch_size)]
+        size = s.teacher_batch_size
+        picked = [order[(step * size + i) % len(order)] for i in range(size)]
         batch = collator([rows[i] for i in picked])
         mask = batch["attention_mask"]
         loss = teacher(
@@ -232,19 +234,20 @@ def plot_results(path: str, teacher_curve, curves: dict, train_logs: dict, rows:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    colors = {"student-gkd": "tab:orange", "student-mgsr": "tab:blue"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
     ax.plot(*zip(*teacher_curve), color="gray")
     ax.set(title="Teacher fit (training cross-entropy)", xlabel="step", ylabel="loss")
     ax = axes[0][1]
     for name, curve in curves.items():
-        ax.plot(*zip(*curve), marker=".", label=name)
+        ax.plot(*zip(*curve), marker=".", label=name, color=colors.get(name))
     ax.set(title="Students: held-out loss per completion token", xlabel="step", ylabel="nats")
     ax.legend()
     ax = axes[1][0]
     for name, log in train_logs.items():
         if log:
-            ax.plot(*zip(*log), marker=".", label=name)
+            ax.plot(*zip(*log), marker=".", label=name, color=colors.get(name))
     ax.set(title="Training objective (each trainer's own loss)", xlabel="step", ylabel="loss")
     ax.legend()
     ax = axes[1][1]
@@ -368,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Tiny models, a few steps (smoke test, ~20 s).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distill_steps", type=int, default=None, help="Override the distillation steps.")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for tiny models).")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for tiny models)."
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else DemoSettings()
     if args.distill_steps is not None:

@@ -38,7 +38,8 @@ class MGSRScriptArguments(ScriptArguments):
         metadata={"help": "Local .json/.jsonl/.parquet training file (instead of --dataset_name)."},
     )
     eval_file: str | None = field(
-        default=None, metadata={"help": "Local .json/.jsonl/.parquet evaluation file (used when --eval_strategy is set)."}
+        default=None,
+        metadata={"help": "Local .json/.jsonl/.parquet evaluation file (used when --eval_strategy is set)."},
     )
     merge_adapter: bool = field(
         default=False,

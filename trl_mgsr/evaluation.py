@@ -424,7 +424,9 @@ def build_parser(prog: str = "trl-mgsr eval"):
         help="Evaluation sets: .jsonl/.json/.parquet files, saved dataset directories or Hugging Face dataset names.",
     )
     parser.add_argument("--split", default="test", help="Split of dataset names/directories (default: test).")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30], help="Sampling seeds (default: 10 20 30).")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[10, 20, 30], help="Sampling seeds (default: 10 20 30)."
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--max_prompt_length", type=int, default=256, help="Prompts keep their last N tokens.")
@@ -460,9 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def completion_loss(model, tokenizer, rows: Sequence[dict[str, Any]], batch_size: int = 16, max_length: int = 512) -> float:
-    """Teacher-forced cross-entropy per completion token (nats) of `model` on rows in a trainer format
-    (`messages` or `prompt`/`completion`)."""
+def completion_loss(
+    model, tokenizer, rows: Sequence[dict[str, Any]], batch_size: int = 16, max_length: int = 512
+) -> float:
+    """Teacher-forced cross-entropy per completion token (nats) on rows in a trainer format (`messages` or
+    `prompt`/`completion`)."""
     import torch
 
     from .data import MGSRDataCollator, position_ids_from_mask
