@@ -160,3 +160,30 @@ def test_module_entry_point_error_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"trl-mgsr eval: error: {tmp_path / 'missing.jsonl'}: no such file"]
+
+
+def test_distill_push_to_hub_goes_through_trainer_push_to_hub(workdir, monkeypatch):
+    """`--push_to_hub` runs the real `Trainer.push_to_hub` (repo creation, save, card, upload); only the Hub client
+    is replaced by a recorder, since tests are offline."""
+    import transformers.trainer
+
+    calls = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            card = (Path(folder_path) / "README.md").read_text()
+            calls.append(("upload_folder", repo_id, folder_path, sorted(p.name for p in Path(folder_path).iterdir()),
+                          card))
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeHub())
+    out = workdir / "pushed"
+    assert main(distill_args(workdir, out, "--push_to_hub", "--hub_model_id", "someone/mgsr-tiny")) == 0
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]  # one upload, at the end
+    _, repo_id, folder, files, card = calls[1]
+    assert repo_id == "someone/mgsr-tiny" and Path(folder) == out
+    assert {"model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert "## MGSR distillation" in card and str(workdir / "train.jsonl") in card

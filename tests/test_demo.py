@@ -1,5 +1,7 @@
 """`trl-mgsr demo --quick` end to end: the comparison table, the PNG, and a reloadable distilled student."""
 
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,3 +32,12 @@ def test_demo_quick(tmp_path, capsys):
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > ids.shape[1]
+
+
+def test_plot_is_skipped_clearly_without_matplotlib(monkeypatch, tmp_path):
+    from trl_mgsr.demo import plot_results
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a `pip install -e .` without the [plot] extra
+    rows = [{"model": "m", "rougeL_mean": 1.0, "rougeL_std": 0.1}]
+    assert plot_results(str(tmp_path / "x.png"), [(1, 2.0)], {"s": [(0, 1.0)]}, {"s": [(1, 1.0)]}, rows) is None
+    assert not (tmp_path / "x.png").exists()

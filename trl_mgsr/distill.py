@@ -216,12 +216,18 @@ def run(script_args: MGSRScriptArguments, training_args: MGSRConfig, model_args:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(dataset_name=source)
-    trainer.accelerator.print(f"Model, tokenizer and model card saved to {training_args.output_dir}")
     if training_args.push_to_hub:
+        # The standard path: saves model + tokenizer, writes the card (with the dataset), uploads `output_dir` once.
+        # (`save_model` would also push, without the dataset in the card, so it is not called separately.)
         trainer.push_to_hub(dataset_name=source)
-        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
+        trainer.accelerator.print(
+            f"Model, tokenizer and model card saved to {training_args.output_dir} and pushed to "
+            f"https://huggingface.co/{trainer.hub_model_id}"
+        )
+    else:
+        trainer.save_model(training_args.output_dir)
+        trainer.create_model_card(dataset_name=source)
+        trainer.accelerator.print(f"Model, tokenizer and model card saved to {training_args.output_dir}")
     if script_args.merge_adapter and trainer.accelerator.is_main_process:
         merged_dir = merge_adapter(trainer, merged_output_dir(training_args.output_dir))
         trainer.accelerator.print(f"Merged model saved to {merged_dir}")

@@ -409,8 +409,6 @@ def write_results(result: EvalResult, output_dir: str, **extra) -> dict[str, str
 
 
 def build_parser(prog: str = "trl-mgsr eval"):
-    import argparse
-
     from .cli import OneLineErrorParser
 
     parser = OneLineErrorParser(
