@@ -1,35 +1,86 @@
-"""The `trl-mgsr` command (also `python -m trl_mgsr`)."""
+"""The `trl-mgsr` command (also `python -m trl_mgsr`).
+
+    trl-mgsr distill ...   train a student with MGSR (TRL-style flags: ScriptArguments, MGSRConfig, ModelConfig)
+    trl-mgsr eval ...      ROUGE-L evaluation, MiniLLM/DistiLLM protocol
+    trl-mgsr demo ...      offline end-to-end demo: MGSR vs GKD on built-in data
+
+User errors (a missing file, an unknown column, a bad flag, an invalid setting) print one line,
+`trl-mgsr <command>: error: ...`, to stderr and exit with status 2; set `TRL_MGSR_TRACEBACK=1` to see the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+USAGE = """usage: trl-mgsr {distill,eval,demo} [options]
+
+commands:
+  distill   train a student with MGSR (TRL-style flags; see `trl-mgsr distill --help`)
+  eval      ROUGE-L evaluation with the MiniLLM/DistiLLM protocol (`trl-mgsr eval --help`)
+  demo      offline end-to-end demo: MGSR vs GKD on built-in data (`trl-mgsr demo --help`)
+"""
+
+
+class OneLineErrors:
+    """argparse mixin: report a usage error as one line (no usage dump) and exit with status 2."""
+
+    def error(self, message):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class OneLineErrorParser(OneLineErrors, argparse.ArgumentParser):
+    pass
 
 
 def _demo(argv: list[str]) -> int:
-    from .demo import run_demo
+    from .demo import main
 
-    parser = argparse.ArgumentParser(prog="trl-mgsr demo", description="Offline end-to-end MGSR distillation demo.")
-    parser.add_argument("--output_dir", default="mgsr-demo", help="Where the distilled student is saved.")
-    parser.add_argument("--quick", action="store_true", help="A few steps only (smoke test).")
-    args = parser.parse_args(argv)
-    run_demo(args.output_dir, quick=args.quick)
-    return 0
+    return main(argv)
 
 
-COMMANDS = {"demo": _demo}
+def _eval(argv: list[str]) -> int:
+    from .evaluation import main
+
+    return main(argv)
+
+
+def _distill(argv: list[str]) -> int:
+    from .distill import main
+
+    return main(argv)
+
+
+COMMANDS = {"distill": _distill, "eval": _eval, "demo": _demo}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        known = ", ".join(COMMANDS)
-        if argv and argv[0] not in {"-h", "--help"}:
-            print(f"trl-mgsr: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
-            return 2
-        print(f"usage: trl-mgsr {{{known}}} [options]")
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(USAGE, end="")
         return 0
-    return COMMANDS[argv[0]](argv[1:])
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"trl-mgsr: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        return COMMANDS[command](argv[1:])
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, already printed)
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    except (ValueError, OSError, ImportError, KeyError) as err:
+        if os.environ.get("TRL_MGSR_TRACEBACK"):
+            raise
+        print(f"trl-mgsr {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -466,6 +466,13 @@ class MGSRTrainer(GKDTrainer):
         if os.path.isfile(path):
             self.load_mgsr_state_dict(torch.load(path, weights_only=False))
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card plus an "MGSR distillation" section: teacher, dataset, objective, MGSR settings, citation."""
+        from .model_card import add_mgsr_section, hub_dataset_name
+
+        super().create_model_card(model_name=model_name, dataset_name=hub_dataset_name(dataset_name), tags=tags)
+        add_mgsr_section(self, dataset_name)
+
 
 # ---------------------------------------------------------------------- construction helpers
 

@@ -1,0 +1,89 @@
+# Copyright the trl_mgsr developers. Licensed under the Apache License, Version 2.0.
+"""LoRA distillation with the Python API: a LoRA student, MGSR, then the adapter merged into a full model.
+
+The TRL-flag route is `examples/mgsr.py --use_peft --lora_r 32 --lora_alpha 16 --merge_adapter` (or
+`trl-mgsr distill` with the same flags); this script shows the same thing written out in Python.
+
+# Offline on CPU, with the tiny models `trl-mgsr demo` saves (run the demo first):
+python examples/mgsr_lora.py \
+    --student mgsr-demo/student-init --teacher mgsr-demo/teacher \
+    --train_file /work/shared/data/dolly/train.jsonl --max_rows 2000 \
+    --max_steps 20 --learning_rate 5e-3 --output_dir mgsr-lora
+
+# GPU, Hub models:
+python examples/mgsr_lora.py \
+    --student Qwen/Qwen2.5-0.5B-Instruct --teacher Qwen/Qwen2.5-1.5B-Instruct \
+    --train_file /work/shared/data/dolly/train.jsonl --max_steps 1000 --batch_size 8 \
+    --learning_rate 2e-4 --max_new_tokens 128 --max_length 512 --output_dir Qwen2.5-0.5B-MGSR-LoRA
+
+Writes the adapter (with tokenizer and model card) to --output_dir and the merged model to <output_dir>-merged.
+"""
+
+import argparse
+
+import torch
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_mgsr import MGSRConfig, MGSRTrainer
+from trl_mgsr.distill import merge_adapter, merged_output_dir, to_training_format
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--student", required=True, help="Student model directory or Hub id.")
+    parser.add_argument("--teacher", required=True, help="Teacher model directory or Hub id.")
+    parser.add_argument("--train_file", required=True, help=".jsonl/.json/.parquet training rows.")
+    parser.add_argument("--max_rows", type=int, default=None, help="Use the first N rows only.")
+    parser.add_argument("--output_dir", default="mgsr-lora")
+    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=256)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.student, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    student = AutoModelForCausalLM.from_pretrained(args.student)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
+
+    train = load_dataset("json", data_files=args.train_file, split="train")
+    if args.max_rows:
+        train = train.select(range(min(args.max_rows, len(train))))
+    train = to_training_format(train, args.train_file)  # MiniLLM/Alpaca rows -> prompt/completion
+
+    peft_config = LoraConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05, target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    training_args = MGSRConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lmbda=0.5,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+    )
+    trainer = MGSRTrainer(
+        model=student, teacher_model=teacher, args=training_args, train_dataset=train,
+        processing_class=tokenizer, peft_config=peft_config,
+    )
+    trainer.train()
+    trainer.save_model()  # the adapter + tokenizer
+    trainer.create_model_card(dataset_name=args.train_file)
+    merged = merge_adapter(trainer, merged_output_dir(args.output_dir))
+    print(f"Adapter saved to {args.output_dir}, merged model to {merged}")
+
+
+if __name__ == "__main__":
+    main()

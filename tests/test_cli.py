@@ -1,0 +1,189 @@
+"""`trl-mgsr distill` end to end (full, LoRA + merge), the model card it writes, and every CLI error path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import trl_mgsr
+from trl_mgsr.cli import main
+from trl_mgsr.evaluation import load_model
+from trl_mgsr.testing import build_pair
+
+ROWS = [
+    {"instruction": "Name a color.", "input": "", "output": "Red is a color."},
+    {"instruction": "Repeat the text.", "input": "The quick brown fox", "output": ["The quick brown fox", "A fox"]},
+    {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Translate to German: good morning.", "input": "", "output": "Guten Morgen."},
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is much faster on a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("distill")
+    student, teacher = build_pair(tokenizer, "llama")
+    for model, name in ((student, "student"), (teacher, "teacher")):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    write_jsonl(root / "train.jsonl", ROWS * 2)
+    return root
+
+
+def distill_args(root, output_dir, *extra):
+    return [
+        "distill", "--model_name_or_path", str(root / "student"), "--teacher_model_name_or_path",
+        str(root / "teacher"), "--dataset_name", str(root / "train.jsonl"), "--output_dir", str(output_dir),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_new_tokens", "4", "--max_length", "96",
+        "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--gradient_checkpointing", "false", "--lmbda", "0.5", *extra,
+    ]
+
+
+def generate(model, tokenizer):
+    ids = tokenizer("Name a color.", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    out = workdir / "full"
+    assert main(distill_args(workdir, out, "--dac_weight", "0.5", "--learning_rate", "1e-3")) == 0
+    return out
+
+
+def test_distill_full_reloads_and_generates(full_run):
+    model = AutoModelForCausalLM.from_pretrained(full_run)
+    tokenizer = AutoTokenizer.from_pretrained(full_run)
+    generate(model, tokenizer)
+    assert (full_run / "model.safetensors").is_file() and not (full_run / "adapter_config.json").exists()
+
+
+def test_model_card_names_mgsr_teacher_dataset_settings_and_citation(full_run, workdir):
+    card = (full_run / "README.md").read_text()
+    assert "## MGSR distillation" in card and "**MGSR**" in card
+    assert f"**Teacher:** `{workdir / 'teacher'}`" in card
+    assert f"**Dataset:** `{workdir / 'train.jsonl'}`" in card
+    assert "### MGSR settings" in card
+    assert "| `dac_weight` | `0.5` |" in card and "| `scrg_rounds` | `1` |" in card  # the value we passed
+    assert "| `schedule` | `'gkd'` |" in card and "`lmbda=0.5`" in card
+    assert "@inproceedings{liu2026mgsr" in card and "arXiv 2407.10068" in card
+    assert "datasets:" not in card  # a local file is not presented as a Hub dataset
+    assert card.count("## MGSR distillation") == 1
+
+
+def test_distill_lora_merge_adapter(workdir):
+    out = workdir / "lora"
+    args = distill_args(workdir, out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules",
+                        "q_proj", "v_proj", "--learning_rate", "5e-2", "--merge_adapter")
+    assert main(args) == 0
+    assert (out / "adapter_config.json").is_file()
+    merged_dir = workdir / "lora-merged"
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "README.md").is_file()
+
+    adapter_model, tokenizer = load_model(str(out), device="cpu")  # base found through adapter_config.json
+    generate(adapter_model, tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(workdir / "student").eval()
+    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapter_logits, merged_logits, base_logits = (m(ids).logits for m in (adapter_model, merged, base))
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    assert (adapter_logits - base_logits).abs().max() > 1e-3  # the adapter is trained, so the check has teeth
+
+
+# ---------------------------------------------------------------------------------------------- error paths
+
+ERRORS = {
+    "unknown command": (lambda w, t: ["distil"], "unknown command"),
+    "distill missing file": (lambda w, t: ["--dataset_name", str(t / "missing.jsonl")], "no such file"),
+    "distill unknown column": (lambda w, t: ["--dataset_name", str(t / "bad.jsonl")],
+                               "has columns ['answer', 'question']"),
+    "distill bad flag": (lambda w, t: ["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
+    "distill bad value": (lambda w, t: ["--dac_lo", "2"], "MGSRConfig.dac_lo must be in [0, 1]"),
+    "distill bad choice": (lambda w, t: ["--schedule", "nope"], "invalid choice"),
+    "distill merge without peft": (lambda w, t: ["--merge_adapter"], "--merge_adapter needs --use_peft"),
+    "distill missing model": (lambda w, t: ["--model_name_or_path", str(t / "nowhere")], "no such model directory"),
+    "eval missing file": (lambda w, t: ["eval", "--model", str(w / "student"), "--data", str(t / "x.jsonl")],
+                          "no such file"),
+    "eval unknown column": (lambda w, t: ["eval", "--model", str(w / "student"), "--data", str(t / "bad.jsonl")],
+                            "has columns ['answer', 'question']"),
+    "eval missing model": (lambda w, t: ["eval", "--model", str(t / "nowhere"), "--data", str(w / "train.jsonl")],
+                           "no such model directory"),
+    "eval bad flag": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--bogus"],
+                      "unrecognized arguments: --bogus"),
+    "demo bad flag": (lambda w, t: ["demo", "--bogus"], "unrecognized arguments: --bogus"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_cli_error_is_one_line(case, workdir, tmp_path, capsys):
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    make, expected = ERRORS[case]
+    argv = make(workdir, tmp_path)
+    if case.startswith("distill"):
+        argv = distill_args(workdir, tmp_path / "out", *argv)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("trl-mgsr") and ": error: " in lines[0] and expected in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch/transformers/trl: ~10 s
+def test_module_entry_point_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_mgsr", "eval", "--model", str(tmp_path / "nowhere"), "--data",
+         str(tmp_path / "missing.jsonl")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(trl_mgsr.__file__).parents[1]), "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"trl-mgsr eval: error: {tmp_path / 'missing.jsonl'}: no such file"]
+
+
+def test_distill_push_to_hub_goes_through_trainer_push_to_hub(workdir, monkeypatch):
+    """`--push_to_hub` runs the real `Trainer.push_to_hub` (repo creation, save, card, upload); only the Hub client
+    is replaced by a recorder, since tests are offline."""
+    import transformers.trainer
+
+    calls = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            card = (Path(folder_path) / "README.md").read_text()
+            calls.append(("upload_folder", repo_id, folder_path, sorted(p.name for p in Path(folder_path).iterdir()),
+                          card))
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeHub())
+    out = workdir / "pushed"
+    assert main(distill_args(workdir, out, "--push_to_hub", "--hub_model_id", "someone/mgsr-tiny")) == 0
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]  # one upload, at the end
+    _, repo_id, folder, files, card = calls[1]
+    assert repo_id == "someone/mgsr-tiny" and Path(folder) == out
+    assert {"model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert "## MGSR distillation" in card and str(workdir / "train.jsonl") in card

@@ -1,0 +1,262 @@
+"""`trl-mgsr distill`: the TRL-style training entry point (shared with `examples/mgsr.py`).
+
+Flags are those of TRL's GKD example script, parsed with `trl.TrlParser` from `(ScriptArguments, MGSRConfig,
+ModelConfig)`: `--model_name_or_path`, `--teacher_model_name_or_path`, `--dataset_name`, every
+`MGSRConfig`/`GKDConfig`/`TrainingArguments` flag (`--lmbda`, `--dac_weight`, `--output_dir`, `--push_to_hub`, ...),
+the PEFT flags of `ModelConfig` (`--use_peft --lora_r 16 --lora_alpha 32 ...`) and `--config recipe.yaml`.
+`MGSRScriptArguments` adds:
+
+- `--train_file` / `--eval_file`: local `.json`/`.jsonl`/`.parquet` files (instead of `--dataset_name`);
+  `--dataset_name path/to/train.jsonl` is the same as `--train_file path/to/train.jsonl`;
+- `--merge_adapter`: with `--use_peft`, also save the adapter merged into its base as a full model in
+  `<output_dir>-merged` (weights, tokenizer, model card).
+
+Rows may be in any format `MGSRTrainer` accepts (`messages`, or `prompt` + `completion`) or in the MiniLLM /
+Alpaca instruction format (`instruction` [+ `input`] or `prompt`, and `output`; a list `output` uses its first
+reference), which is turned into `prompt`/`completion` with the Alpaca template (`trl_mgsr.evaluation`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .cli import OneLineErrors
+from .config import MGSRConfig
+from .evaluation import DATA_FILE_SUFFIXES, quiet_datasets, render_prompt
+
+
+@dataclass
+class MGSRScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments` plus local data files and adapter merging."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local .json/.jsonl/.parquet training file (instead of --dataset_name)."},
+    )
+    eval_file: str | None = field(
+        default=None,
+        metadata={"help": "Local .json/.jsonl/.parquet evaluation file (used when --eval_strategy is set)."},
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "With --use_peft: also save the adapter merged into its base model in <output_dir>-merged."},
+    )
+
+
+class DistillParser(OneLineErrors, TrlParser):
+    """`TrlParser` whose usage errors are one line."""
+
+
+def make_parser(prog: str = "trl-mgsr distill") -> TrlParser:
+    return DistillParser((MGSRScriptArguments, MGSRConfig, ModelConfig), prog=prog)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "trl-mgsr distill"):
+    """`(script_args, training_args, model_args)`; unknown flags raise a one-line `ValueError`."""
+    *parsed, remaining = make_parser(prog).parse_args_and_config(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ValueError(f"unrecognized arguments: {' '.join(remaining)}")
+    return tuple(parsed)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _load_file(path: str, what: str):
+    from datasets import load_dataset
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    if not path.endswith(DATA_FILE_SUFFIXES):
+        raise ValueError(f"{what} {path}: unsupported file type; use .jsonl, .json or .parquet")
+    kind = "parquet" if path.endswith(".parquet") else "json"
+    with quiet_datasets():
+        return load_dataset(kind, data_files=path, split="train")
+
+
+def to_training_format(dataset, source: str):
+    """Keep `messages` / `prompt`+`completion` datasets; turn MiniLLM/Alpaca rows into `prompt`/`completion`."""
+    columns = dataset.column_names
+    if "messages" in columns or {"prompt", "completion"} <= set(columns):
+        return dataset
+    if "output" in columns and ("prompt" in columns or "instruction" in columns):
+
+        def convert(row, index):
+            output = row["output"]
+            completion = output[0] if isinstance(output, list) and output else output
+            if not isinstance(completion, str):
+                raise ValueError(f"{source}: row {index}: `output` must be a string or a list of strings")
+            return {"prompt": render_prompt(row, index), "completion": completion}
+
+        return dataset.map(convert, with_indices=True, remove_columns=columns)
+    raise ValueError(
+        f"{source}: has columns {sorted(columns)}; give `messages`, `prompt` + `completion`, or `instruction` "
+        "(+ `input`) / `prompt` + `output`"
+    )
+
+
+def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
+    """`(train_dataset, eval_dataset, source)` from `--train_file/--eval_file`, a local file or `--dataset_name`."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    name, train_file = script_args.dataset_name, script_args.train_file
+    if train_file is None and name and (os.path.isfile(name) or name.endswith(DATA_FILE_SUFFIXES)):
+        train_file = name
+    want_eval = training_args.eval_strategy != "no"
+    if train_file is not None:
+        train = to_training_format(_load_file(train_file, "--train_file"), train_file)
+        evaluation = None
+        if script_args.eval_file is not None:
+            evaluation = to_training_format(_load_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
+        source = train_file
+    elif name:
+        try:
+            if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+                data = load_from_disk(name)
+            else:
+                data = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        except Exception as err:  # offline, unknown name, bad builder: one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"--dataset_name {name}: could not load the dataset ({first})") from None
+        if not isinstance(data, (DatasetDict, dict)) and not hasattr(data, "keys"):
+            raise ValueError(f"--dataset_name {name}: expected a dataset with splits")
+        if script_args.dataset_train_split not in data:
+            raise ValueError(
+                f"--dataset_name {name}: no split {script_args.dataset_train_split!r} (splits: {sorted(data)}); "
+                "set --dataset_train_split"
+            )
+        train = to_training_format(data[script_args.dataset_train_split], name)
+        test = script_args.dataset_test_split
+        evaluation = to_training_format(data[test], name) if test in data else None
+        if script_args.eval_file is not None:
+            evaluation = to_training_format(_load_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
+        source = name
+    else:
+        raise ValueError("no training data: give --dataset_name (a Hub dataset, a directory or a file) or --train_file")
+    if want_eval and evaluation is None:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy} needs evaluation data: give --eval_file or a dataset "
+            f"with a {script_args.dataset_test_split!r} split"
+        )
+    return train, (evaluation if want_eval else None), source
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def load_tokenizer(model_args: ModelConfig, training_args: MGSRConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def run(script_args: MGSRScriptArguments, training_args: MGSRConfig, model_args: ModelConfig):
+    """Train, save (model, tokenizer, card), push when `--push_to_hub`, merge when `--merge_adapter`.
+
+    Mirrors TRL's GKD example: the student and teacher are loaded by the trainer from their paths with
+    `model_init_kwargs` / `teacher_model_init_kwargs` built from `ModelConfig`. Returns the trainer.
+    """
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import MGSRTrainer
+
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (the student)")
+    if not training_args.teacher_model_name_or_path:
+        raise ValueError("--teacher_model_name_or_path is required (the teacher)")
+    if script_args.merge_adapter and not model_args.use_peft:
+        raise ValueError("--merge_adapter needs --use_peft (there is no adapter to merge)")
+    for what, path in (("--model_name_or_path", model_args.model_name_or_path),
+                       ("--teacher_model_name_or_path", training_args.teacher_model_name_or_path)):
+        if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+            raise FileNotFoundError(f"{what} {path}: no such model directory")
+
+    train_dataset, eval_dataset, source = load_datasets(script_args, training_args)
+
+    quantization_config = get_quantization_config(model_args)
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+        use_cache=not training_args.gradient_checkpointing,
+    )
+    if quantization_config is not None:
+        model_init_kwargs["quantization_config"] = quantization_config
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+    teacher_init_kwargs = dict(
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    teacher_init_kwargs.update(training_args.teacher_model_init_kwargs or {})
+    training_args.teacher_model_init_kwargs = teacher_init_kwargs
+
+    trainer = MGSRTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=load_tokenizer(model_args, training_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    if training_args.push_to_hub:
+        # The standard path: saves model + tokenizer, writes the card (with the dataset), uploads `output_dir` once.
+        # (`save_model` would also push, without the dataset in the card, so it is not called separately.)
+        trainer.push_to_hub(dataset_name=source)
+        trainer.accelerator.print(
+            f"Model, tokenizer and model card saved to {training_args.output_dir} and pushed to "
+            f"https://huggingface.co/{trainer.hub_model_id}"
+        )
+    else:
+        trainer.save_model(training_args.output_dir)
+        trainer.create_model_card(dataset_name=source)
+        trainer.accelerator.print(f"Model, tokenizer and model card saved to {training_args.output_dir}")
+    if script_args.merge_adapter and trainer.accelerator.is_main_process:
+        merged_dir = merge_adapter(trainer, merged_output_dir(training_args.output_dir))
+        trainer.accelerator.print(f"Merged model saved to {merged_dir}")
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+def merged_output_dir(output_dir: str) -> str:
+    return os.path.normpath(output_dir) + "-merged"
+
+
+def merge_adapter(trainer, merged_dir: str) -> str:
+    """Merge the trainer's LoRA adapter into its base; save the full model, tokenizer and card in `merged_dir`.
+
+    Runs after saving (and pushing) the adapter: merging changes the trainer's model in place.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):
+        raise ValueError("--merge_adapter: the trained model has no adapter to merge (is --use_peft set?)")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    trainer.processing_class.save_pretrained(merged_dir)
+    card = os.path.join(trainer.args.output_dir, "README.md")
+    if os.path.isfile(card):
+        shutil.copyfile(card, os.path.join(merged_dir, "README.md"))
+    return merged_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    script_args, training_args, model_args = parse_args(argv)
+    run(script_args, training_args, model_args)
+    return 0
