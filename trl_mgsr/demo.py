@@ -1,7 +1,7 @@
 """`trl-mgsr demo`: MGSR against plain GKD on the same budget, fully offline, on data shipped in the package.
 
-1. Load `trl_mgsr/data/dolly_mini.jsonl` (480 short rows of databricks-dolly-15k, CC BY-SA 3.0; see
-   `trl_mgsr/data/README.md`); the last rows are held out.
+1. Load `trl_mgsr/assets/dolly_mini.jsonl` (480 short rows of databricks-dolly-15k, CC BY-SA 3.0; see
+   `trl_mgsr/assets/README.md`); the last rows are held out.
 2. Train a byte-level BPE tokenizer on the training rows; build a small Llama teacher and a smaller student.
 3. Fit the teacher on the training rows (plain cross-entropy), so that it has something to teach.
 4. Distill two copies of the same initial student, one with `MGSRTrainer` and one with TRL's `GKDTrainer`: same
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
 DATA_FILE = "dolly_mini.jsonl"
-DATA_DESCRIPTION = "trl_mgsr/data/dolly_mini.jsonl (a 480-row subset of databricks-dolly-15k, CC BY-SA 3.0)"
+DATA_DESCRIPTION = "trl_mgsr/assets/dolly_mini.jsonl (a 480-row subset of databricks-dolly-15k, CC BY-SA 3.0)"
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ QUICK = DemoSettings(
 
 def load_rows() -> list[dict]:
     """The instruction rows shipped with the package: `instruction`, `input`, `output`."""
-    text = resources.files("trl_mgsr").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
+    text = resources.files("trl_mgsr").joinpath("assets", DATA_FILE).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -327,7 +327,7 @@ def _run(output_dir: str, s: DemoSettings, seed: int, log) -> dict:
 
     prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
                for r in held]
-    held_set = EvalSet("held-out", prompts, [[r["output"]] for r in held_raw], f"trl_mgsr/data/{DATA_FILE}")
+    held_set = EvalSet("held-out", prompts, [[r["output"]] for r in held_raw], f"trl_mgsr/assets/{DATA_FILE}")
     with open(os.path.join(output_dir, "heldout.jsonl"), "w", encoding="utf-8") as f:
         for prompt, row in zip(prompts, held_raw):
             f.write(json.dumps({"prompt": prompt, "output": row["output"]}, ensure_ascii=False) + "\n")
