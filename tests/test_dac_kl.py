@@ -420,3 +420,12 @@ def test_all_positions_masked(fn, support, direction):
     term.total.backward()  # a valid (all-zero) gradient path
     assert student.grad is not None and (student.grad == 0).all()
     assert all(torch.isfinite(v) for v in term.stats.values())
+
+
+def test_chunked_graph_refuses_a_second_backward():
+    """Its stored gradients are scaled in place by the first backward, so a second one would be wrong."""
+    student, teacher, labels = make_batch()
+    term = chunked_dac_kl_loss(student, teacher, labels, chunk_size=4)
+    (term.total / 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        term.total.backward()

@@ -144,8 +144,9 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return x - x.logsumexp(-1, keepdim=True)
 
 
-def _features(lp: torch.Tensor, num_features: int) -> torch.Tensor:
-    """Top-`num_features` probabilities of the log-probabilities `lp` `[N, V]`, descending, zero-padded."""
+def _features(teacher_logits: torch.Tensor, temperature: float, num_features: int) -> torch.Tensor:
+    """Top-`num_features` teacher probabilities `[N, F]` (float32, descending, zero-padded) of logits `[N, V]`."""
+    lp = _log_softmax32(teacher_logits, temperature)
     top = lp.topk(min(num_features, lp.shape[-1]), dim=-1).values.exp()
     return F.pad(top, (0, num_features - top.shape[-1]))
 
@@ -256,50 +257,92 @@ def _chunk_with_grads(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: bool):
 
 
 def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: bool):
-    """`"full"` support. With `A = log m + log p`, `P = softmax(A)`, `r = q` and `D = log P - log q`:
+    """`"full"` support in closed form, in place where possible (a few `[n, V]` float32 tensors at a time).
+
+    With `A = log m + log p`, `P = softmax(A)` (= p~) and `D = log P - log q`:
     forward `L = sum P D`, dL/dA = P (D - L), dL/dz = (q - P) / T;
-    reverse `L = -sum q D`, dL/dA = P - q, dL/dz = q (-D - L) / T.  dL/dlo, dL/dhi = sum_i dL/dA_i dlog m_i/d(.)."""
-    V = t.shape[-1]
+    reverse `L = -sum q D`, dL/dA = P - q, dL/dz = -q (D + L) / T;
+    dL/dlo = sum_i dL/dA_i * (-s sigmoid(-xa_i)), dL/dhi = sum_i dL/dA_i * s sigmoid(-xb_i) (sorted tokens + tail).
+    The normaliser `Z = sum m p` and the kept token count come from the sorted `[n, k]` tensors, and `log m - log Z`
+    is added to `log p` in place, so no `[n, V]` log-sum-exp is needed beyond the two log-softmaxes.
+    """
+    V, s = t.shape[-1], opts.sharpness
+    log_pt = _log_softmax32(t, opts.temperature)
+    n = log_pt.shape[0]
+    hard_lo, hard_hi = _is_hard(lo, 0.0), _is_hard(hi, 1.0)
+    idx = coefs = None
+    if hard_lo and hard_hi:
+        kept_tokens, kept_mass = log_pt.new_full((n,), V), log_pt.new_ones(n)
+    else:
+        k = V if opts.top_k is None else min(opts.top_k, V)
+        ps, idx = log_pt.sort(dim=-1, descending=True) if opts.top_k is None else log_pt.topk(k, dim=-1)
+        ps = ps.exp_()
+        c = ps.cumsum(-1)
+        ck = c[:, -1:].clone()  # mass of the sorted tokens; the tail holds 1 - ck
+        xa = None if hard_lo else (c - _col(lo)).mul_(s)  # s (c - lo)
+        xb = None if hard_hi else c.sub_(ps).neg_().add_(_col(hi)).mul_(s)  # s (hi - c_prev), in place
+        del c
+        lm = F.logsigmoid(xa) if xa is not None else F.logsigmoid(xb)
+        if xa is not None and xb is not None:
+            lm += F.logsigmoid(xb)
+        mass, kept_tokens = _rowdot(lm.exp(), ps), lm.exp().sum(-1)
+        del ps
+        tail = None
+        if k < V:
+            tail = (None if hard_lo else (1 - _col(lo)) * s + torch.zeros_like(ck),
+                    None if hard_hi else (_col(hi) - ck) * s)
+            lm_tail = _log_mask(*tail)
+            mass = mass + lm_tail.exp().squeeze(-1) * (1 - ck.squeeze(-1)).clamp_min(0)
+            kept_tokens = kept_tokens + (V - k) * lm_tail.exp().squeeze(-1)
+        kept_mass = mass
+        log_z = mass.clamp_min(1e-30).log()[:, None]
+        if tail is None:
+            log_pt.scatter_add_(1, idx, lm.sub_(log_z))
+        else:  # every token gets log m_tail - log Z, the top-k ones are then corrected to their own log m
+            log_pt += lm_tail - log_z
+            log_pt.scatter_add_(1, idx, lm.sub_(lm_tail))
+        del lm
+        if need_band:  # d log m / d lo = -s sigmoid(-xa), d log m / d hi = s sigmoid(-xb)
+            coefs = [[None if x is None else x.neg_().sigmoid_().mul_(sign * s) for x in pair]
+                     for pair, sign in (((xa, tail and tail[0]), -1.0), ((xb, tail and tail[1]), 1.0))]
+        else:
+            idx = None
+        del xa, xb, tail
+    lq = _log_softmax32(z, opts.temperature)
+    d = log_pt - lq  # D = log p~ - log q
+    q, pt = lq.exp_(), log_pt.exp_()
+    del lq, log_pt
     inv_t = 1.0 / opts.temperature
-    lp = t.float().mul_(inv_t)  # in place is safe: the caller passes row copies (advanced indexing)
-    lp -= lp.logsumexp(-1, keepdim=True)
-    n = lp.shape[0]
-    if _is_hard(lo, 0.0) and _is_hard(hi, 1.0):
-        A, idx, kept_tokens, kept_mass = lp, None, lp.new_full((n,), V), lp.new_ones(n)
-    else:
-        idx, xa, xb, tail = _edges(lp, lo, hi, opts)
-        A = _to_vocab(_log_mask(xa, xb), tail and _log_mask(*tail), idx, V)
-        kept_tokens = A.exp().sum(-1)
-        A += lp
-        del lp
-        lse = A.logsumexp(-1, keepdim=True)
-        kept_mass = lse.squeeze(-1).exp()
-        A -= lse
-        if need_band:  # d log m / d lo = -s sig(-xa), d log m / d hi = s sig(-xb), per sorted token and tail
-            dlo = [None if x is None else torch.sigmoid(-x).mul_(-opts.sharpness) for x in (xa, tail and tail[0])]
-            dhi = [None if x is None else torch.sigmoid(-x).mul_(opts.sharpness) for x in (xb, tail and tail[1])]
-        del xa, xb
-    log_pt = A  # log p~
-    lq = z.float().mul_(inv_t)
-    lq -= lq.logsumexp(-1, keepdim=True)
-    d = log_pt - lq  # D
-    q = lq.exp_()
-    pt = log_pt.exp()
     if opts.direction == "forward":
-        loss = (pt * d).sum(-1)
-        g_a = d.sub_(loss[:, None]).mul_(pt)  # P (D - L)
-        gz = (q - pt).mul_(inv_t) if need_z else None
+        loss = _rowdot(pt, d)
+        g_a = d.sub_(loss[:, None]).mul_(pt) if idx is not None else None  # P (D - L)
+        gz = q.sub_(pt) if need_z else None
     else:
-        loss = -(q * d).sum(-1)
-        gz = d.add_(loss[:, None]).mul_(q).mul_(-inv_t) if need_z else None  # q (-D - L) / T
-        g_a = pt.sub_(q)
+        loss = -_rowdot(q, d)
+        g_a = pt.sub_(q) if idx is not None else None  # P - q
+        gz = d.add_(loss[:, None]).mul_(q).neg_() if need_z else None
+    if gz is not None and inv_t != 1.0:
+        gz.mul_(inv_t)
+    del q, pt, d
     glo = ghi = None
-    if need_band and idx is not None:
+    if idx is not None:
         g_sorted = g_a.gather(1, idx)
         g_tail = g_a.sum(-1) - g_sorted.sum(-1)
-        glo = _band_grad(g_sorted, g_tail, dlo, lo)
-        ghi = _band_grad(g_sorted, g_tail, dhi, hi)
+        del g_a, idx
+        glo, ghi = (_band_grad(g_sorted, g_tail, pair, edge) for pair, edge in zip(coefs, (lo, hi)))
     return loss.sum(), kept_tokens.sum(), kept_mass.sum(), gz, glo, ghi
+
+
+def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 `log_softmax(x / temperature)` of rows `[n, V]` (x is never modified)."""
+    if temperature != 1.0:
+        x = x.float() / temperature
+    return torch.log_softmax(x, dim=-1, dtype=torch.float32)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of `[n, V]` tensors without an `[n, V]` temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def _band_grad(g_sorted, g_tail, coefs, edge):
@@ -356,10 +399,20 @@ def dac_kl_loss(
     z, t = s_flat[rows], t_flat[rows].detach()
     n = rows.numel()
     if band_net is not None:
-        lo, hi = band_net(_features(_log_probs(t, opts.temperature), opts.num_features))
+        lo, hi = band_net(_features(t, opts.temperature, opts.num_features))
     loss, kept_tokens, kept_mass = _rows_autograd(z, t, lo, hi, opts)
     lo_sum, hi_sum = (lo.sum(), hi.sum()) if band_net is not None else _fixed_sums(lo, hi, n, z)
     return LossTerm(loss.sum(), rows.new_tensor(n), _stats(lo_sum, hi_sum, kept_tokens.sum(), kept_mass.sum()))
+
+
+def _chunks(rows: torch.Tensor, chunk_size: int):
+    """Yield `(positions slice, rows)` per chunk; `rows` is a slice (a view, no copy) when the rows are consecutive."""
+    bounds = rows.tolist()
+    for start in range(0, len(bounds), chunk_size):
+        end = min(start + chunk_size, len(bounds))
+        first, last = bounds[start], bounds[end - 1]
+        r = slice(first, last + 1) if last - first == end - start - 1 else rows[start:end]
+        yield slice(start, end), r
 
 
 class _ChunkedDACKL(torch.autograd.Function):
@@ -370,14 +423,14 @@ class _ChunkedDACKL(torch.autograd.Function):
         need_z = ctx.needs_input_grad[0]
         need_band = fixed_band is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         band_lo, band_hi = fixed_band if fixed_band is not None else (lo, hi)
-        gz_all = torch.zeros_like(student_flat) if need_z else None
+        gz_all = None
+        if need_z:  # rows without a label get a zero gradient
+            gz_all = (torch.empty_like if rows.numel() == student_flat.shape[0] else torch.zeros_like)(student_flat)
         glo_all = torch.zeros_like(lo) if need_band else None
         ghi_all = torch.zeros_like(hi) if need_band else None
         total = torch.zeros((), device=student_flat.device)
         kept_tokens, kept_mass = total.clone(), total.clone()
-        for start in range(0, rows.numel(), chunk_size):
-            r = rows[start : start + chunk_size]
-            sl = slice(start, start + r.numel())
+        for sl, r in _chunks(rows, chunk_size):
             c_lo, c_hi = (band_lo, band_hi) if fixed_band is not None else (band_lo[sl], band_hi[sl])
             loss, kt, km, gz, glo, ghi = _chunk_with_grads(
                 student_flat[r], teacher_flat[r], c_lo, c_hi, opts, need_z, need_band)
@@ -385,7 +438,10 @@ class _ChunkedDACKL(torch.autograd.Function):
             kept_tokens += kt
             kept_mass += km
             if need_z:
-                gz_all.index_copy_(0, r, gz.to(gz_all.dtype))
+                if isinstance(r, slice):
+                    gz_all[r] = gz
+                else:
+                    gz_all.index_copy_(0, r, gz.to(gz_all.dtype))
             if need_band:
                 glo_all[sl], ghi_all[sl] = glo, ghi
             del gz, glo, ghi
@@ -401,7 +457,8 @@ class _ChunkedDACKL(torch.autograd.Function):
         gz = saved.pop(0) if need_z else None
         glo, ghi = saved if need_band else (None, None)
         if gz is not None and not torch.equal(grad_total, torch.ones_like(grad_total)):
-            gz = gz * grad_total.to(gz.dtype)
+            # in place (no second logits-sized buffer); autograd's version check refuses a second backward
+            gz = gz.mul_(grad_total.item())
         if glo is not None:
             glo, ghi = glo * grad_total, ghi * grad_total
         return gz, glo, ghi, None, None, None, None, None
@@ -441,8 +498,7 @@ def chunked_dac_kl_loss(
     if band_net is not None:
         with torch.no_grad():
             feats = torch.cat([
-                _features(_log_probs(t_flat[rows[i : i + chunk_size]], opts.temperature), opts.num_features)
-                for i in range(0, n, chunk_size)
+                _features(t_flat[r], opts.temperature, opts.num_features) for _, r in _chunks(rows, chunk_size)
             ]) if n else t_flat.new_zeros(0, opts.num_features, dtype=torch.float32)
         band_lo, band_hi = band_net(feats)
         fixed = None
