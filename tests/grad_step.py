@@ -1,4 +1,5 @@
-"""One SGD step of MGSRTrainer on fixed data; returns the student's weight change (= -gradient with lr 1).
+"""One SGD step of MGSRTrainer on fixed data; returns the weight change (= -gradient with lr 1) of the student and,
+under keys `band.*`, of the DAC-KL band sub-network.
 
 Imported by the tests for the single-process runs and launched with `torchrun` for the multi-process ones:
 `torchrun --nproc_per_node 2 tests/grad_step.py OUT.pt PER_DEVICE GA SFT DAC SPAN LMBDA`.
@@ -46,6 +47,7 @@ def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0,
         dac_weight=dac,
         span_weight=span,
         lmbda=lmbda,
+        dac_learning_rate=1.0,
         gradient_checkpointing=False,
         seed=0,
     )
@@ -53,9 +55,14 @@ def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0,
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
+    band = trainer.dac_band_net
+    band_before = {k: v.detach().clone() for k, v in band.named_parameters()} if band is not None else {}
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {k: (v.detach().cpu() - before[k]) for k, v in model.named_parameters()}, trainer
+    delta = {k: (v.detach().cpu() - before[k]) for k, v in model.named_parameters()}
+    if band is not None:
+        delta.update({f"band.{k}": (v.detach().cpu() - band_before[k]) for k, v in band.named_parameters()})
+    return delta, trainer
 
 
 if __name__ == "__main__":
