@@ -202,6 +202,7 @@ class MGSRTrainer(GKDTrainer):
             if self.args.sft_weight > 0:
                 for key in ("input_ids", "attention_mask", "labels"):
                     inputs[f"sft_{key}"] = inputs[key]
+            inputs.pop("span_ids", None)  # the dataset's spans
             if source == STUDENT:
                 with unwrap_model_for_generation(
                     self.model_wrapped,
@@ -210,8 +211,9 @@ class MGSRTrainer(GKDTrainer):
                     gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
                 ) as unwrapped:
                     ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
-            elif source == REPLAY:
-                ids, mask, labels = self._replayed_batch(inputs["input_ids"].shape[0], inputs["input_ids"].device)
+                inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
+            elif source == REPLAY:  # buffered samples bring their own span ids
+                inputs.update(self._replayed_batch(inputs["input_ids"].shape[0], inputs["input_ids"].device))
             else:
                 with unwrap_model_for_generation(
                     self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
@@ -219,31 +221,24 @@ class MGSRTrainer(GKDTrainer):
                     ids, mask, labels = GKDTrainer.generate_on_policy_outputs(
                         unwrapped, inputs, self.generation_config
                     )
-            inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
-            inputs.pop("span_ids", None)  # the dataset's spans; a replayed batch brings its own
-            if source == REPLAY and self.span_extractor is not None:
-                inputs["span_ids"] = self._replayed_span_ids
+                inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
         if self.span_extractor is not None and "span_ids" not in inputs:
             inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
-        if source != "dataset":
-            if source == STUDENT and isinstance(self.schedule, AdaptiveSchedule):
-                self.schedule.buffer.add_batch(inputs, REPLAY_KEYS)
+        if source == STUDENT and isinstance(self.schedule, AdaptiveSchedule):
+            self.schedule.buffer.add_batch(inputs, REPLAY_KEYS)
         device = inputs["input_ids"].device
         inputs["mgsr_on_policy"] = torch.tensor(float(source == STUDENT), device=device)
         inputs["mgsr_replay"] = torch.tensor(float(source == REPLAY), device=device)
         inputs["mgsr_prepared"] = True
         return inputs
 
-    def _replayed_batch(self, batch_size: int, device):
-        """`batch_size` distinct buffered samples, left-padded into `(input_ids, attention_mask, labels)`; their
-        span ids (when the span term is on) are left in `self._replayed_span_ids`."""
+    def _replayed_batch(self, batch_size: int, device) -> dict[str, torch.Tensor]:
+        """`batch_size` distinct buffered samples, left-padded: `input_ids`, `attention_mask`, `labels` and, when
+        the span term is on, `span_ids`."""
         rows = self.schedule.buffer.sample(batch_size, self.schedule.rng)
-        pad = self.processing_class.pad_token_id
-        padding = {"input_ids": pad, "attention_mask": 0, "labels": -100, "span_ids": -1}
-        batch = {key: left_pad([row[key].tolist() for row in rows], value).to(device)
-                 for key, value in padding.items() if key in rows[0]}
-        self._replayed_span_ids = batch.get("span_ids")
-        return batch["input_ids"], batch["attention_mask"], batch["labels"]
+        padding = {"input_ids": self.processing_class.pad_token_id, "attention_mask": 0, "labels": -100, "span_ids": -1}
+        return {key: left_pad([row[key].tolist() for row in rows], value).to(device)
+                for key, value in padding.items() if key in rows[0]}
 
     def span_ids(self, tokenizer, input_ids, completion_mask):
         """Span ids `[B, T]` of the completion tokens (-1 elsewhere), from `span_extractor`; off the graph."""
