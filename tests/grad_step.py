@@ -1,7 +1,8 @@
-"""One SGD step of MGSRTrainer on fixed data; returns the student's weight change (= -gradient with lr 1).
+"""One SGD step of MGSRTrainer on fixed data; returns the weight change (= -gradient with lr 1) of the student and,
+under keys `band.*`, of the DAC-KL band sub-network.
 
 Imported by the tests for the single-process runs and launched with `torchrun` for the multi-process ones:
-`torchrun --nproc_per_node 2 tests/grad_step.py OUT.pt PER_DEVICE GA SFT DAC SPAN LMBDA`.
+`torchrun --nproc_per_node 2 tests/grad_step.py OUT.pt PER_DEVICE GA SFT DAC SPAN LMBDA [STEPS LORA]`.
 """
 
 import os
@@ -17,13 +18,17 @@ from trl_mgsr import MGSRConfig, MGSRTrainer
 from trl_mgsr.testing import build_pair, build_tokenizer, toy_rows
 
 
-def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0, steps=1):
+def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0, steps=1, lora=False):
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     student, teacher = build_pair(tokenizer, "llama")
-    before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     # Answers of different lengths, so a mean of micro-batch means would differ from the token mean.
-    rows = toy_rows(8)[: 4 * steps]
+    rows = toy_rows(4 * steps)
     args = MGSRConfig(
         str(output_dir),
         bf16=False,
@@ -46,22 +51,30 @@ def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0,
         dac_weight=dac,
         span_weight=span,
         lmbda=lmbda,
+        dac_learning_rate=1.0,
         gradient_checkpointing=False,
         seed=0,
     )
     trainer = MGSRTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
+        processing_class=tokenizer, peft_config=peft_config,
     )
+    band = trainer.dac_band_net
+    band_before = {k: v.detach().clone() for k, v in band.named_parameters()} if band is not None else {}
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {k: (v.detach().cpu() - before[k]) for k, v in model.named_parameters()}, trainer
+    delta = {k: (v.detach().cpu() - before[k]) for k, v in model.named_parameters()}
+    if band is not None:
+        delta.update({f"band.{k}": (v.detach().cpu() - band_before[k]) for k, v in band.named_parameters()})
+    return delta, trainer
 
 
 if __name__ == "__main__":
     out, per_device, ga, sft, dac, span, lmbda = sys.argv[1:8]
+    steps, lora = (int(sys.argv[8]), sys.argv[9] == "lora") if len(sys.argv) > 8 else (1, False)
     delta, trainer = grad_step(
-        os.path.dirname(out), int(per_device), int(ga), float(sft), float(dac), float(span), float(lmbda)
+        os.path.dirname(out), int(per_device), int(ga), float(sft), float(dac), float(span), float(lmbda), steps, lora
     )
     if trainer.accelerator.is_main_process:
         torch.save(delta, out)

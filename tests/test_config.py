@@ -1,3 +1,5 @@
+from dataclasses import fields
+
 import pytest
 from trl import TrlParser
 from trl.experimental.gkd import GKDConfig
@@ -89,9 +91,19 @@ def test_invalid_choice_on_command_line_is_rejected():
 
 
 def test_every_mgsr_field_has_help():
-    from dataclasses import fields
-
     own = [f for f in fields(MGSRConfig) if f.name not in {g.name for g in fields(GKDConfig)}]
     assert len(own) >= 30
     for f in own:
         assert f.metadata.get("help"), f.name
+
+
+def test_readme_table_lists_every_field_with_its_default():
+    from dataclasses import MISSING
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for f in fields(MGSRConfig):
+        if f.name in {g.name for g in fields(GKDConfig)}:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        assert f"| `{f.name}` | `{default!r}` |" in readme, f.name

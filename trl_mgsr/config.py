@@ -54,8 +54,11 @@ class MGSRConfig(GKDConfig):
         `"fixed"` mode, and the band the sub-network starts from in `"learned"` mode. Our choice.
     dac_min_width (`float`, defaults to `0.5`): the smallest band width `hi - lo`.
     dac_sharpness (`float`, defaults to `50.0`): slope of the soft (sigmoid) band edges.
-    dac_student_support (`str`, defaults to `"full"`): `"full"` compares the clipped teacher with the full student
-        distribution; `"band"` also renormalises the student on the kept tokens.
+    dac_student_support (`str`, defaults to `"full"`): `"full"` compares the clipped, renormalised teacher with the
+        full student distribution. `"band"` compares both distributions on the kept tokens plus one lumped "rest"
+        outcome holding the clipped mass (= `Z_p KL(p~||q~) + KL(Bern(Z_p)||Bern(Z_q))`, Z = kept mass); our
+        choice, because the literal `KL(p~||q~)` is 0 for any student once the band holds a single token, which
+        would let the band switch distillation off.
     dac_kl_direction (`str`, defaults to `"forward"`): `"forward"` = KL(p~ || q), `"reverse"` = KL(q || p~).
     dac_temperature (`float`, defaults to `1.0`): softmax temperature of both distributions in the loss.
     dac_features (`int`, defaults to `32`): number of top sorted teacher probabilities fed to the sub-network.
@@ -76,8 +79,8 @@ class MGSRConfig(GKDConfig):
 
     > Memory
 
-    loss_chunk_size (`int`, defaults to `1024`): completion positions processed at once by the DAC-KL and span
-        losses; bounds the `[chunk, vocab]` float32 working tensors.
+    loss_chunk_size (`int`, defaults to `1024`): completion positions (DAC-KL, SCRG's differences) or span pairs
+        (span loss) processed at once; bounds the `[chunk, vocab]` float32 working tensors.
 
     > Data schedule
 
@@ -148,8 +151,8 @@ class MGSRConfig(GKDConfig):
     dac_sharpness: float = field(default=50.0, metadata={"help": "Slope of the soft DAC-KL band edges (> 0)."})
     dac_student_support: str = field(
         default="full",
-        metadata={"help": "'full': KL against the full student distribution; 'band': student renormalised on the "
-                  "kept tokens.", "choices": list(DAC_STUDENT_SUPPORTS)},
+        metadata={"help": "'full': KL against the full student distribution; 'band': both compared on the kept "
+                  "tokens plus one lumped rest outcome.", "choices": list(DAC_STUDENT_SUPPORTS)},
     )
     dac_kl_direction: str = field(
         default="forward",
@@ -185,7 +188,8 @@ class MGSRConfig(GKDConfig):
 
     # Memory
     loss_chunk_size: int = field(
-        default=1024, metadata={"help": "Completion positions per chunk in the DAC-KL and span losses."}
+        default=1024,
+        metadata={"help": "Positions (DAC-KL, SCRG) or span pairs (span loss) per chunk; bounds [chunk, vocab] memory."},
     )
 
     # Data schedule

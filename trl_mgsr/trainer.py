@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
@@ -36,7 +36,7 @@ from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
-from .losses import LossTerm, chunked_span_loss, sft_loss
+from .losses import DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_span_loss, sft_loss
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
 from .spans import get_span_extractor, span_counts, span_ids_from_tokens, span_pair_mask
@@ -152,6 +152,12 @@ class MGSRTrainer(GKDTrainer):
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
         self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
+        self.dac_band_net, self._band_optimizer = None, None
+        if args.dac_weight > 0 and args.dac_mode == "learned":
+            with torch.random.fork_rng(devices=[]):  # same initial weights on every rank, global RNG untouched
+                torch.manual_seed(args.seed)
+                self.dac_band_net = DACBandNet.from_config(args).to(self.args.device)
+            self.add_callback(_BandNetStep(self))
         self.generation_kwargs = {
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
@@ -196,6 +202,7 @@ class MGSRTrainer(GKDTrainer):
             if self.args.sft_weight > 0:
                 for key in ("input_ids", "attention_mask", "labels"):
                     inputs[f"sft_{key}"] = inputs[key]
+            inputs.pop("span_ids", None)  # the dataset's spans
             if source == STUDENT:
                 with unwrap_model_for_generation(
                     self.model_wrapped,
@@ -204,8 +211,9 @@ class MGSRTrainer(GKDTrainer):
                     gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
                 ) as unwrapped:
                     ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
-            elif source == REPLAY:
-                ids, mask, labels = self._replayed_batch(inputs["input_ids"].shape[0], inputs["input_ids"].device)
+                inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
+            elif source == REPLAY:  # buffered samples bring their own span ids
+                inputs.update(self._replayed_batch(inputs["input_ids"].shape[0], inputs["input_ids"].device))
             else:
                 with unwrap_model_for_generation(
                     self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
@@ -213,31 +221,24 @@ class MGSRTrainer(GKDTrainer):
                     ids, mask, labels = GKDTrainer.generate_on_policy_outputs(
                         unwrapped, inputs, self.generation_config
                     )
-            inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
-            inputs.pop("span_ids", None)  # the dataset's spans; a replayed batch brings its own
-            if source == REPLAY and self.span_extractor is not None:
-                inputs["span_ids"] = self._replayed_span_ids
+                inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
         if self.span_extractor is not None and "span_ids" not in inputs:
             inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
-        if source != "dataset":
-            if source == STUDENT and isinstance(self.schedule, AdaptiveSchedule):
-                self.schedule.buffer.add_batch(inputs, REPLAY_KEYS)
+        if source == STUDENT and isinstance(self.schedule, AdaptiveSchedule):
+            self.schedule.buffer.add_batch(inputs, REPLAY_KEYS)
         device = inputs["input_ids"].device
         inputs["mgsr_on_policy"] = torch.tensor(float(source == STUDENT), device=device)
         inputs["mgsr_replay"] = torch.tensor(float(source == REPLAY), device=device)
         inputs["mgsr_prepared"] = True
         return inputs
 
-    def _replayed_batch(self, batch_size: int, device):
-        """`batch_size` distinct buffered samples, left-padded into `(input_ids, attention_mask, labels)`; their
-        span ids (when the span term is on) are left in `self._replayed_span_ids`."""
+    def _replayed_batch(self, batch_size: int, device) -> dict[str, torch.Tensor]:
+        """`batch_size` distinct buffered samples, left-padded: `input_ids`, `attention_mask`, `labels` and, when
+        the span term is on, `span_ids`."""
         rows = self.schedule.buffer.sample(batch_size, self.schedule.rng)
-        pad = self.processing_class.pad_token_id
-        padding = {"input_ids": pad, "attention_mask": 0, "labels": -100, "span_ids": -1}
-        batch = {key: left_pad([row[key].tolist() for row in rows], value).to(device)
-                 for key, value in padding.items() if key in rows[0]}
-        self._replayed_span_ids = batch.get("span_ids")
-        return batch["input_ids"], batch["attention_mask"], batch["labels"]
+        padding = {"input_ids": self.processing_class.pad_token_id, "attention_mask": 0, "labels": -100, "span_ids": -1}
+        return {key: left_pad([row[key].tolist() for row in rows], value).to(device)
+                for key, value in padding.items() if key in rows[0]}
 
     def span_ids(self, tokenizer, input_ids, completion_mask):
         """Span ids `[B, T]` of the completion tokens (-1 elsewhere), from `span_extractor`; off the graph."""
@@ -389,10 +390,49 @@ class MGSRTrainer(GKDTrainer):
         return (loss, student_outputs) if return_outputs else loss
 
     def dac_kl_term(self, student_logits, teacher_logits, labels) -> LossTerm:
-        """The token-level term. Until DAC-KL lands: GKD's generalized JSD (with `beta`), summed over tokens."""
-        mask = labels != -100
-        jsd = self.generalized_jsd_loss(student_logits, teacher_logits, labels, beta=self.beta, reduction="sum")
-        return LossTerm(total=jsd, num_items=mask.sum(), stats={})
+        """The token-level term: chunked DAC-KL with the learned band (or the fixed band `(dac_lo, dac_hi)`)."""
+        a = self.args
+        return chunked_dac_kl_loss(
+            student_logits, teacher_logits, labels, band_net=self.dac_band_net, lo=a.dac_lo, hi=a.dac_hi,
+            min_width=a.dac_min_width, sharpness=a.dac_sharpness, student_support=a.dac_student_support,
+            direction=a.dac_kl_direction, temperature=a.dac_temperature, num_features=a.dac_features,
+            top_k=a.dac_top_k, chunk_size=a.loss_chunk_size,
+        )
+
+    # ------------------------------------------------------------------ the band sub-network's optimisation
+
+    def create_optimizer(self, model=None):
+        """The user's optimizer, plus a parameter group for the band sub-network (`dac_learning_rate`, no weight
+        decay). Under DeepSpeed or FSDP the engine only takes model parameters, so the band sub-network gets its
+        own AdamW instead (stepped right after the main optimizer)."""
+        optimizer = super().create_optimizer(model)
+        if self.dac_band_net is None:
+            return optimizer
+        params = list(self.dac_band_net.parameters())
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            if self._band_optimizer is None:
+                self._band_optimizer = torch.optim.AdamW(params, lr=self.args.dac_learning_rate, weight_decay=0.0)
+        elif not any(p is params[0] for group in optimizer.param_groups for p in group["params"]):
+            optimizer.add_param_group({"params": params, "lr": self.args.dac_learning_rate, "weight_decay": 0.0})
+        return optimizer
+
+    def _sync_band_gradients(self) -> None:
+        """Average the band sub-network's gradients over ranks, as DDP does for the student (it is not wrapped)."""
+        if self.accelerator.num_processes == 1:
+            return
+        params = list(self.dac_band_net.parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def _finish_band_step(self) -> None:
+        if self._band_optimizer is not None:
+            self._band_optimizer.step()
+        self.dac_band_net.zero_grad(set_to_none=True)  # Trainer only zeroes the model's gradients
 
     def _log_terms(self, terms: dict[str, LossTerm], inputs) -> None:
         """Log ratios summed over all ranks in one gather: each term's mean over its items (`mgsr/<term>`) and its
@@ -448,11 +488,22 @@ class MGSRTrainer(GKDTrainer):
         return metrics
 
     def mgsr_state_dict(self) -> dict[str, Any]:
-        """Everything MGSR owns that a resumed run needs (not part of the saved student)."""
-        return {"schedule": self.schedule.state_dict()}
+        """Everything MGSR owns that a resumed run needs and that is not part of the saved student: the schedule
+        (RNG, adaptive threshold, replay buffer) and the band sub-network. Its optimizer state lives in the main
+        optimizer's checkpoint (or here under DeepSpeed/FSDP, where it has its own optimizer)."""
+        state = {"schedule": self.schedule.state_dict()}
+        if self.dac_band_net is not None:
+            state["band_net"] = self.dac_band_net.state_dict()
+        if self._band_optimizer is not None:
+            state["band_optimizer"] = self._band_optimizer.state_dict()
+        return state
 
     def load_mgsr_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
+        if self.dac_band_net is not None:
+            self.dac_band_net.load_state_dict(state["band_net"])
+        if self._band_optimizer is not None and "band_optimizer" in state:
+            self._band_optimizer.load_state_dict(state["band_optimizer"])
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -472,6 +523,19 @@ class MGSRTrainer(GKDTrainer):
 
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset_name(dataset_name), tags=tags)
         add_mgsr_section(self, dataset_name)
+
+
+class _BandNetStep(TrainerCallback):
+    """Around each optimizer step: sync the band sub-network's gradients before it, zero them after it."""
+
+    def __init__(self, trainer: MGSRTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._sync_band_gradients()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._finish_band_step()
 
 
 # ---------------------------------------------------------------------- construction helpers
