@@ -115,6 +115,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "MGSR w/o DAC-KL (forward KL)": ("mgsr", {"dac_mode": "fixed", "dac_lo": 0.0, "dac_hi": 1.0}),
     "MGSR w/o span": ("mgsr", {"span_weight": 0.0}),
     "MGSR adaptive schedule": ("mgsr", {"schedule": "adaptive"}),
+    # Added after the first full run (GKD ahead of every MGSR variant): the SFT term is the one part that every
+    # other MGSR variant has and GKD has not. Reported as a post-hoc diagnostic (README).
+    "MGSR w/o SFT": ("mgsr", {"sft_weight": 0.0}),
 }
 REFERENCE_MODELS = ("teacher", "student init")
 
