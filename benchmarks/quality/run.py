@@ -85,7 +85,7 @@ class Settings:
     max_new_tokens: int = 64  # on-policy generation length during training (GKD and MGSR)
     train_seed: int = 42
     # training-seed noise floor: these methods are trained again with each of these seeds (same everything else)
-    repeat_methods: tuple[str, ...] = ("SFT", "GKD", "MGSR")
+    repeat_methods: tuple[str, ...] = ("SFT", "GKD", "MGSR", "MGSR w/o SFT")
     repeat_seeds: tuple[int, ...] = (43,)
     eval_every: int = 20  # adaptive schedule: evaluation loss on `adaptive_eval_rows` dev rows every N steps
     adaptive_eval_rows: int = 64
@@ -610,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         adir, assets = build_assets(s, data_dir, out, args.fresh)
     assets_seconds = time.perf_counter() - start
     lr = assets["learning_rate"]
-    run_key = settings_key({"settings": asdict(s), "assets": assets["key"], "lr": lr})
+    # A job's cache key: every setting except which methods get repeated with other seeds (that changes no job).
+    job_settings = {k: v for k, v in asdict(s).items() if k not in ("repeat_methods", "repeat_seeds")}
+    run_key = settings_key({"settings": job_settings, "assets": assets["key"], "lr": lr})
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
 
