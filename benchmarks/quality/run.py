@@ -11,7 +11,8 @@ On a CPU machine, from the data in `../shared/data` (Dolly train/dev/valid and t
 2. Methods, all from the same initial student, on the same budget (steps, batch, learning rate, scheduler, seed,
    `max_length`, `max_new_tokens`): SFT, GKD (TRL's `GKDTrainer`, default `beta`/`lmbda`/`temperature`), MGSR full
    (`MGSRConfig` defaults), MGSR without SCRG / without DAC-KL (band [0, 1] = plain forward KL) / without span, and
-   MGSR full with `schedule="adaptive"` (evaluated on a Dolly dev subset every `eval_every` steps).
+   MGSR full with `schedule="adaptive"` (evaluated on a Dolly dev subset every `eval_every` steps), and MGSR without
+   its SFT term (a diagnostic added after the first run). `repeat_methods` are trained again with `repeat_seeds`.
 3. Evaluation with `trl_mgsr.evaluation` (the `trl-mgsr eval` protocol: ancestral sampling top_k 0, top_p 1,
    temperature 1; ROUGE-L F x100 with stemming, max over references) on fixed subsets of Dolly valid,
    Self-Instruct, Vicuna and S-NI, several sampling seeds; plus the teacher and the initial student.
@@ -457,12 +458,11 @@ def run_job(name: str, s: Settings, lr: float, adir: str, data_dir: str, out: st
     with quiet():
         t0 = time.perf_counter()
         if name in REFERENCE_MODELS:
-            result = {"kind": "reference", "model_dir": str(adir / ("teacher" if name == "teacher" else "student-init"))}
+            model_dir = adir / ("teacher" if name == "teacher" else "student-init")
+            result = {"kind": "reference", "model_dir": str(model_dir)}
         else:
             method, seed = parse_label(name, s)
             result = train_method(method, replace(s, train_seed=seed), lr, adir, data_dir, out / "models", name)
-        from trl_mgsr.evaluation import completion_loss  # noqa: F401  (warm import outside the timed part)
-
         result.update(evaluate_model(result["model_dir"], s, data_dir, out / "generations" / f"{slug(name)}.jsonl"))
         result["job_seconds"] = time.perf_counter() - t0
     return result
@@ -474,7 +474,8 @@ def run_job(name: str, s: Settings, lr: float, adir: str, data_dir: str, out: st
 def git_commit() -> dict:
     def git(*a):
         try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True).stdout.strip()
+            proc = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=True)
+            return proc.stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
@@ -518,7 +519,8 @@ def seed_table(results: dict, methods: list[str], s: Settings) -> str:
     if not spread:
         return ""
     seeds = [s.train_seed, *s.repeat_seeds]
-    lines = ["| method | " + " | ".join(f"average, train seed {x}" for x in seeds) + " | mean ± std over training seeds |",
+    header = " | ".join(f"average, train seed {x}" for x in seeds)
+    lines = [f"| method | {header} | mean ± std over training seeds |",
              "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: |"]
     for m, d in spread.items():
         lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in d["average_per_seed"]) +
