@@ -8,26 +8,29 @@ LoRA adapter directory (its base is read from `adapter_config.json`). Same as
 `trl-mgsr eval --model M --data <the five files>`.
 
 # A quick look (50 rows per set, 3 seeds) at the student saved by examples/mgsr.py:
-python examples/evaluate_student.py --model mgsr-example --data_dir /work/shared/data \
+python examples/evaluate_student.py --model mgsr-example --data_dir ../shared/data \
     --max_samples 50 --max_new_tokens 64 --output_dir mgsr-example-eval
 
 # The full protocol (every row, 5 seeds, 256 new tokens; use a GPU):
-python examples/evaluate_student.py --model Qwen2.5-0.5B-MGSR --data_dir /work/shared/data \
+python examples/evaluate_student.py --model Qwen2.5-0.5B-MGSR --data_dir ../shared/data \
     --seeds 10 20 30 40 50 --batch_size 32 --output_dir Qwen2.5-0.5B-MGSR-eval
 """
 
 import argparse
 import os
+from pathlib import Path
 
 from trl_mgsr.evaluation import evaluate, load_eval_set, load_model, markdown_table, write_results
 
+#: `../shared/data` next to this repository (the project's data folder), the default --data_dir.
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("dolly/valid.jsonl", "self-inst/valid.jsonl", "vicuna/valid.jsonl", "sinst/valid.jsonl", "uinst/valid.jsonl")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Saved model or LoRA adapter directory.")
-    parser.add_argument("--data_dir", default="/work/shared/data", help="Directory holding the MiniLLM sets.")
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="Directory holding the MiniLLM sets.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30])
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_new_tokens", type=int, default=256)

@@ -7,13 +7,13 @@ The TRL-flag route is `examples/mgsr.py --use_peft --lora_r 32 --lora_alpha 16 -
 # Offline on CPU, with the tiny models `trl-mgsr demo` saves (run the demo first):
 python examples/mgsr_lora.py \
     --student mgsr-demo/student-init --teacher mgsr-demo/teacher \
-    --train_file /work/shared/data/dolly/train.jsonl --max_rows 2000 \
+    --train_file ../shared/data/dolly/train.jsonl --max_rows 2000 \
     --max_steps 20 --learning_rate 5e-3 --output_dir mgsr-lora
 
 # GPU, Hub models:
 python examples/mgsr_lora.py \
     --student Qwen/Qwen2.5-0.5B-Instruct --teacher Qwen/Qwen2.5-1.5B-Instruct \
-    --train_file /work/shared/data/dolly/train.jsonl --max_steps 1000 --batch_size 8 \
+    --train_file ../shared/data/dolly/train.jsonl --max_steps 1000 --batch_size 8 \
     --learning_rate 2e-4 --max_new_tokens 128 --max_length 512 --output_dir Qwen2.5-0.5B-MGSR-LoRA
 
 Writes the adapter (with tokenizer and model card) to --output_dir and the merged model to <output_dir>-merged.
