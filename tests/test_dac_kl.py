@@ -429,3 +429,32 @@ def test_chunked_graph_refuses_a_second_backward():
     (term.total / 2).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         term.total.backward()
+
+
+@pytest.mark.parametrize("fn", [dac_kl_loss, chunked_dac_kl_loss])
+@pytest.mark.parametrize("support", SUPPORTS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("band", ["learned", (0.0, 0.95), (0.0, 1.0)])
+def test_minus_inf_vocab_entries_are_dropped_tokens(fn, support, direction, band):
+    """Entries that both models mask with -inf (0 log 0 = 0) give the loss of the vocabulary without them, and
+    finite gradients for the student and the band net."""
+    student, teacher, labels = make_batch(V=40)
+    masked = torch.zeros(40, dtype=torch.bool)
+    masked[[3, 17, 35, 36, 37]] = True
+    full_s = student.detach().masked_fill(masked, float("-inf")).requires_grad_()
+    full_t = teacher.masked_fill(masked, float("-inf"))
+    small_s = student.detach()[..., ~masked].requires_grad_()
+    net = perturbed_net() if band == "learned" else None
+    kw = dict(band_net=net) if net else dict(lo=band[0], hi=band[1])
+    common = dict(student_support=support, direction=direction, **kw)
+    full = fn(full_s, full_t, labels, **common)
+    small = fn(small_s, teacher[..., ~masked], labels, **common)
+    params = list(net.parameters()) if net else []
+    g_full, *band_full = grads(full, full_s, *params)
+    g_small, *band_small = grads(small, small_s, *params)
+    torch.testing.assert_close(full.total, small.total, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(g_full).all() and (g_full[..., masked] == 0).all()
+    torch.testing.assert_close(g_full[..., ~masked], g_small, rtol=1e-4, atol=1e-6)
+    for a, b in zip(band_full, band_small):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -222,14 +222,12 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: _Opts):
         kept_mass = (lm + lp).logsumexp(-1).exp()
     if opts.support == "full":
         lpt = lp if lm is None else (lm + lp).log_softmax(-1)
-        if opts.direction == "forward":
-            loss = (lpt.exp() * (lpt - lq)).sum(-1)
-        else:
-            loss = (lq.exp() * (lq - lpt)).sum(-1)
+        a, b = (lpt, lq) if opts.direction == "forward" else (lq, lpt)
+        loss = (a.exp() * (a - b).masked_fill(torch.isneginf(a), 0.0)).sum(-1)  # 0 log 0 = 0
     else:
         a, b = (lp, lq) if opts.direction == "forward" else (lq, lp)
         kept = a if lm is None else lm + a
-        loss = (kept.exp() * (a - b)).sum(-1)
+        loss = (kept.exp() * (a - b).masked_fill(torch.isneginf(a), 0.0)).sum(-1)
         if l1m is not None:  # the lumped outcome holding the clipped mass
             ra, rb = (l1m + a).logsumexp(-1), (l1m + b).logsumexp(-1)
             loss = loss + ra.exp() * (ra - rb)
@@ -310,6 +308,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
         del xa, xb, tail
     lq = _log_softmax32(z, opts.temperature)
     d = log_pt - lq  # D = log p~ - log q
+    d.masked_fill_(torch.isneginf(log_pt if opts.direction == "forward" else lq), 0.0)  # 0 log 0 = 0
     q, pt = lq.exp_(), log_pt.exp_()
     del lq, log_pt
     inv_t = 1.0 / opts.temperature

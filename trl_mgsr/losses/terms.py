@@ -30,7 +30,5 @@ class LossTerm(NamedTuple):
 def sft_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> LossTerm:
     """Cross-entropy of `student_logits` `[B, T, V]` on `labels` `[B, T]` (-100 ignored), summed over tokens."""
     mask = labels != -100
-    total = F.cross_entropy(
-        student_logits[mask].float(), labels[mask], reduction="sum"
-    ) if mask.any() else student_logits.sum() * 0.0
+    total = F.cross_entropy(student_logits[mask].float(), labels[mask], reduction="sum")  # 0 with no tokens
     return LossTerm(total=total, num_items=mask.sum(), stats={})
