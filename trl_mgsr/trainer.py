@@ -451,7 +451,9 @@ class MGSRTrainer(GKDTrainer):
             ratios.append(("mgsr/span_pairs", terms["span"].num_items, one))
         values = torch.stack([torch.stack([torch.as_tensor(n, device=one.device).float(),
                                            torch.as_tensor(d, device=one.device).float()]) for _, n, d in ratios])
-        summed = self.accelerator.gather_for_metrics(values.unsqueeze(0)).sum(0).tolist()
+        if self.accelerator.num_processes > 1:  # not gather_for_metrics: it drops ranks at the end of an epoch
+            values = self.accelerator.reduce(values, reduction="sum")
+        summed = values.tolist()
         for (key, _, _), (numerator, denominator) in zip(ratios, summed):
             self._metrics[mode][key].append(numerator / denominator if denominator > 0 else 0.0)
 
