@@ -115,3 +115,9 @@ def test_two_process_on_policy_run_with_scrg_all_losses_and_lora(tmp_path):
     rank0, rank1 = torchrun_grad_step(tmp_path, 2, 1, 1.0, 1.0, 1.0, 1.0, 2, "lora", port=29562)
     assert any("lora" in k for k in rank0)
     assert_same_update(rank0, rank1)  # both ranks hold identical student (and band net) weights
+    # each rank checkpoints its own MGSR state (schedule, band net)
+    states = [torch.load(tmp_path / "ddp" / "checkpoint-2" / f"mgsr_state_{rank}.pt", weights_only=False)
+              for rank in (0, 1)]
+    assert states[0]["schedule"] == states[1]["schedule"]
+    for key, value in states[0]["band_net"].items():
+        assert torch.equal(value, states[1]["band_net"][key])

@@ -39,5 +39,5 @@ def test_checkpoint_holds_the_schedule_rng_and_resume_restores_it(tokenizer, tmp
     student, teacher = build_pair(tokenizer)
     other = MGSRTrainer(model=student, teacher_model=teacher, args=tiny_args(MGSRConfig, tmp_path / "b", lmbda=0.5),
                         train_dataset=Dataset.from_list(toy_rows(8)), processing_class=tokenizer)
-    other._load_from_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
+    other.load_mgsr_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
     assert other.schedule.rng.getstate() == expected.getstate()

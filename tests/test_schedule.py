@@ -114,7 +114,7 @@ def test_adaptive_state_survives_save_and_resume(tokenizer, tmp_path):
     state = torch.load(tmp_path / "a" / "checkpoint-2" / "mgsr_state.pt", weights_only=False)["schedule"]
     assert len(state["buffer"]) > 0 and state["last_eval_loss"] is not None
     other = make_adaptive(tokenizer, tmp_path / "b")
-    other._load_from_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
+    other.load_mgsr_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
     assert other.schedule.threshold == state["threshold"]
     assert other.schedule.last_eval_loss == state["last_eval_loss"]
     assert other.schedule.rng.getstate() == state["rng"]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+import datasets
 import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer, TrainerCallback
@@ -107,13 +108,17 @@ class MGSRTrainer(GKDTrainer):
                 "columns (format them with `dataset.map` first)."
             )
         teacher_model = _load_teacher(teacher_model, args)
+        if isinstance(model, nn.Module) and _shares_weights(model, teacher_model):
+            raise ValueError(
+                "`teacher_model` shares weights with the student `model` (the same model object, or the student's "
+                "base model): the teacher would change with the student, and with `peft_config` it would run the "
+                "student's adapters. Load the teacher separately (e.g. `teacher_model=<path or Hub id>`)."
+            )
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             if not source:
                 raise ValueError("MGSRTrainer needs `processing_class` (the tokenizer) when `model` is not a path/id.")
             processing_class = AutoTokenizer.from_pretrained(source)
-        for name, dataset in _named_datasets(train_dataset, eval_dataset):
-            _validate_dataset(dataset, processing_class, name)
 
         # Built once here, so a missing NLTK/spaCy fails at construction rather than mid-training.
         self.span_extractor = (
@@ -142,6 +147,11 @@ class MGSRTrainer(GKDTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             peft_config=peft_config,
         )
+        # After SFTTrainer.__init__: `chat_template_path` may have given the tokenizer its chat template.
+        if isinstance(self.data_collator, MGSRDataCollator):
+            self.data_collator.tokenizer = self.processing_class
+        for name, dataset in _named_datasets(train_dataset, eval_dataset):
+            _validate_dataset(dataset, self.processing_class, name)
         self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, processing_class, args)
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
@@ -151,7 +161,7 @@ class MGSRTrainer(GKDTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
-        self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
+        self.beta, self.temperature, self.seq_kd = args.beta, args.temperature, args.seq_kd
         self.dac_band_net, self._band_optimizer = None, None
         if args.dac_weight > 0 and args.dac_mode == "learned":
             with torch.random.fork_rng(devices=[]):  # same initial weights on every rank, global RNG untouched
@@ -173,6 +183,11 @@ class MGSRTrainer(GKDTrainer):
         self.generation_config = GenerationConfig(**self.generation_kwargs)
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.generation_config.eos_token_id = eos if eos is not None else processing_class.eos_token_id
+        self.teacher_generation_config = copy.deepcopy(self.generation_config)  # for `seq_kd`
+        teacher_vocab = teacher_model.config.get_text_config().vocab_size
+        self.teacher_generation_config.suppress_tokens = (
+            list(range(self.shared_vocab_size, teacher_vocab)) if self.shared_vocab_size < teacher_vocab else None
+        )
         # One RNG for every schedule decision; same seed on every rank, same number of draws => same decisions.
         rng = random.Random(args.seed)
         if args.schedule == "adaptive":
@@ -182,9 +197,22 @@ class MGSRTrainer(GKDTrainer):
             )
         else:
             self.schedule = GKDSchedule(rng, args.lmbda)
+        self.lmbda = args.lmbda
         self._rng_resume: str | None = None  # checkpoint whose RNG state must be restored before generating
 
     # ------------------------------------------------------------------ schedule and batch preparation
+
+    @property
+    def lmbda(self) -> float:
+        """GKD's student-sample probability. Setting it (e.g. from a callback, to anneal it) changes the coin of
+        `schedule="gkd"` from the next micro-batch on, as in `GKDTrainer`."""
+        return self._lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self._lmbda = value
+        if isinstance(self.schedule, GKDSchedule):
+            self.schedule.lmbda = value
 
     def next_sequence_source(self, batch_size: int = 1) -> str:
         """Draw the source of the next micro-batch's distillation sequence: "student", "replay" (adaptive
@@ -219,7 +247,7 @@ class MGSRTrainer(GKDTrainer):
                     self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
                 ) as unwrapped:
                     ids, mask, labels = GKDTrainer.generate_on_policy_outputs(
-                        unwrapped, inputs, self.generation_config
+                        unwrapped, inputs, self.teacher_generation_config
                     )
                 inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
         if self.span_extractor is not None and "span_ids" not in inputs:
@@ -338,7 +366,11 @@ class MGSRTrainer(GKDTrainer):
         if not inputs.get("mgsr_prepared"):  # called outside the training loop: this batch is the whole window
             inputs = self.prepare_distillation_batch(self._prepare_inputs(inputs))
             num_items_in_batch = self.count_items([inputs])
-        return Trainer.training_step(self, model, inputs, num_items_in_batch)
+        # SFTTrainer's step (activation offloading), not GKD's: the batch is already the distillation batch.
+        loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+        if self.dac_band_net is not None and self.accelerator.sync_gradients:  # the window's last backward
+            self._sync_band_gradients()
+        return loss
 
     # ------------------------------------------------------------------ loss
 
@@ -403,18 +435,30 @@ class MGSRTrainer(GKDTrainer):
 
     def create_optimizer(self, model=None):
         """The user's optimizer, plus a parameter group for the band sub-network (`dac_learning_rate`, no weight
-        decay). Under DeepSpeed or FSDP the engine only takes model parameters, so the band sub-network gets its
-        own AdamW instead (stepped right after the main optimizer)."""
+        decay), which then follows the learning-rate schedule like the student. The band sub-network gets its own
+        AdamW at a constant `dac_learning_rate` instead (stepped right after the main optimizer) under DeepSpeed or
+        FSDP, whose engines only take model parameters, and when the user passed their own scheduler, which was
+        built over the optimizer's existing groups."""
         optimizer = super().create_optimizer(model)
         if self.dac_band_net is None:
             return optimizer
         params = list(self.dac_band_net.parameters())
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.lr_scheduler is not None:
             if self._band_optimizer is None:
                 self._band_optimizer = torch.optim.AdamW(params, lr=self.args.dac_learning_rate, weight_decay=0.0)
         elif not any(p is params[0] for group in optimizer.param_groups for p in group["params"]):
             optimizer.add_param_group({"params": params, "lr": self.args.dac_learning_rate, "weight_decay": 0.0})
         return optimizer
+
+    def _clip_grad_norm(self, model):
+        """Clip the band sub-network's gradients with the student's: one global norm when it is in the main
+        optimizer, its own norm otherwise (when it has its own optimizer the engine clips the student)."""
+        band = [] if self.dac_band_net is None else list(self.dac_band_net.parameters())
+        if band and self._band_optimizer is None and not self._has_mixed_mesh_grads(model):
+            return self.accelerator.clip_grad_norm_([*model.parameters(), *band], self.args.max_grad_norm)
+        if band:
+            torch.nn.utils.clip_grad_norm_(band, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
     def _sync_band_gradients(self) -> None:
         """Average the band sub-network's gradients over ranks, as DDP does for the student (it is not wrapped)."""
@@ -430,8 +474,12 @@ class MGSRTrainer(GKDTrainer):
             offset += p.numel()
 
     def _finish_band_step(self) -> None:
+        """Step the band's own optimizer, except on a step whose gradients overflowed (fp16 loss scaling: the
+        engine skips that step too), then zero the band's gradients."""
         if self._band_optimizer is not None:
-            self._band_optimizer.step()
+            grads = [p.grad for p in self.dac_band_net.parameters() if p.grad is not None]
+            if grads and all(torch.isfinite(g).all() for g in grads):
+                self._band_optimizer.step()
         self.dac_band_net.zero_grad(set_to_none=True)  # Trainer only zeroes the model's gradients
 
     def _log_terms(self, terms: dict[str, LossTerm], inputs) -> None:
@@ -462,6 +510,8 @@ class MGSRTrainer(GKDTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         self._rng_resume = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -507,17 +557,30 @@ class MGSRTrainer(GKDTrainer):
         if self._band_optimizer is not None and "band_optimizer" in state:
             self._band_optimizer.load_state_dict(state["band_optimizer"])
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            torch.save(self.mgsr_state_dict(), os.path.join(checkpoint, STATE_FILE))
+    def _state_file(self) -> str:
+        """`mgsr_state.pt`, or `mgsr_state_<rank>.pt` with several processes (each rank has its own replay buffer)."""
+        return STATE_FILE if self.args.world_size == 1 else f"mgsr_state_{self.args.process_index}.pt"
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, STATE_FILE)
-        if os.path.isfile(path):
-            self.load_mgsr_state_dict(torch.load(path, weights_only=False))
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """With the optimizer (on every backend, before the checkpoint is pushed): each rank's MGSR state."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        os.makedirs(output_dir, exist_ok=True)  # a rank may get here before rank 0 has created it
+        torch.save(self.mgsr_state_dict(), os.path.join(output_dir, self._state_file()))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Runs on every backend (DeepSpeed included) once the optimizers exist."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.load_mgsr_checkpoint(checkpoint)
+
+    def load_mgsr_checkpoint(self, checkpoint: str) -> None:
+        """Load this rank's MGSR state from a checkpoint directory; one written with another number of processes
+        falls back to the first rank's state."""
+        for name in (self._state_file(), STATE_FILE, "mgsr_state_0.pt"):
+            path = os.path.join(checkpoint, name)
+            if os.path.isfile(path):
+                self.load_mgsr_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+                return
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card plus an "MGSR distillation" section: teacher, dataset, objective, MGSR settings, citation."""
@@ -528,13 +591,10 @@ class MGSRTrainer(GKDTrainer):
 
 
 class _BandNetStep(TrainerCallback):
-    """Around each optimizer step: sync the band sub-network's gradients before it, zero them after it."""
+    """After each optimizer step: step the band's own optimizer (if any) and zero the band's gradients."""
 
     def __init__(self, trainer: MGSRTrainer):
         self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._sync_band_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._finish_band_step()
@@ -612,13 +672,26 @@ def _named_datasets(train_dataset, eval_dataset):
         yield "eval_dataset", eval_dataset
 
 
+def _shares_weights(model: nn.Module, teacher: nn.Module) -> bool:
+    student_params = {id(p) for p in model.parameters()}
+    return teacher is model or any(id(p) in student_params for p in teacher.parameters())
+
+
 def _validate_dataset(dataset, tokenizer, name: str) -> None:
-    """Check columns and the first row up front, so a bad dataset fails at construction, not mid-training."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is None or len(dataset) == 0:
-        return
+    """Check columns and the first row up front, so a bad dataset fails at construction, not mid-training.
+    An iterable (streaming) dataset is checked on its first row; one without rows or columns is left alone."""
+    if isinstance(dataset, datasets.IterableDataset):
+        first = next(iter(dataset), None)
+        if first is None:
+            return
+        columns = list(first)
+    else:
+        columns = getattr(dataset, "column_names", None)
+        if columns is None or len(dataset) == 0:
+            return
+        first = dataset[0]
     try:
         detect_format(columns)
-        split_prompt_completion(dataset[0], tokenizer, row=0)
+        split_prompt_completion(first, tokenizer, row=0)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
