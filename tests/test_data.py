@@ -109,3 +109,34 @@ def test_eval_dataset_is_validated_too(tokenizer, tmp_path):
             eval_dataset={"held": Dataset.from_list([{"question": "x"}])},
             processing_class=tokenizer,
         )
+
+
+def bos_tokenizer():
+    """The test tokenizer, made to add BOS like Llama's (`tokenizer(text)` starts with `<bos>`)."""
+    from tokenizers import processors
+
+    tok = build_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def test_string_prompts_start_with_bos_once_as_in_trl_sft():
+    tok = bos_tokenizer()
+    rows = [{"prompt": "What is 2+2?", "completion": "4"}, {"prompt": "<bos>Say hi.", "completion": "hi"}]
+    batch = MGSRDataCollator(tok)(rows)
+    for i in range(2):
+        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        prompt = batch["prompts"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+        assert prompt == tok(rows[i]["prompt"].removeprefix("<bos>"))["input_ids"]  # what TRL's SFT tokenizes
+    assert (batch["labels"][:, -1] == tok.eos_token_id).all()
+    assert (batch["labels"][batch["input_ids"] == tok.bos_token_id] == -100).all()
+
+
+def test_rendered_conversations_get_no_extra_bos():
+    tok = bos_tokenizer()  # its chat template writes no BOS: none is added to the rendered text
+    batch = MGSRDataCollator(tok)(toy_rows(2, "messages"))
+    assert not (batch["input_ids"] == tok.bos_token_id).any()

@@ -5,8 +5,9 @@ Accepted rows (one format per dataset):
 - `prompt` + `completion` as strings (TRL's standard prompt-completion format);
 - `prompt` + `completion` as message lists (TRL's conversational prompt-completion format).
 
-Conversations are rendered with the tokenizer's chat template. For the standard format the completion gets the
-tokenizer's eos token appended unless it already ends with it (TRL's SFT convention).
+Conversations are rendered with the tokenizer's chat template (which writes any BOS itself). For the standard format
+the prompt starts with the tokenizer's leading special tokens (BOS for Llama-style tokenizers) and the completion gets
+the eos token appended unless it already ends with it, as TRL's SFT tokenizes it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ def _render_conversation(prompt_msgs, completion_msgs, tokenizer, row, column) -
     return prompt_text, full_text[len(prompt_text) :]
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Ids of a plain-text prompt with the tokenizer's leading special tokens (e.g. BOS), as `tokenizer(text)` adds
+    them, but never twice: a text that already starts with them (e.g. a rendered chat template) is kept as it is."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = _special_prefix(tokenizer)
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """The special tokens `tokenizer(text)` puts before the text's own ids ([] for most GPT-style tokenizers)."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
 def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     """Left-pad lists of ints to one `[B, max_len]` long tensor."""
     width = max((len(r) for r in rows), default=0)
@@ -129,8 +148,14 @@ class MGSRDataCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts, sequences, prompt_lens = [], [], []
         for i, example in enumerate(examples):
-            prompt_text, completion_text = split_prompt_completion(example, self.tokenizer, row=i)
-            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            try:
+                prompt_text, completion_text = split_prompt_completion(example, self.tokenizer, row=i)
+            except ValueError as err:  # only a dataset's first row is checked at trainer construction
+                raise ValueError(f"A batch has a malformed row (rows counted within the batch): {err}") from None
+            if isinstance(example.get("prompt"), str):  # standard format: BOS as TRL's SFT adds it
+                prompt_ids = encode_prompt(self.tokenizer, prompt_text)
+            else:  # a rendered conversation
+                prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
             completion_ids = self.tokenizer(completion_text, add_special_tokens=False)["input_ids"]
             if self.max_length is not None:
                 prompt_ids = prompt_ids[-(self.max_length - 1) :] if self.max_length > 1 else prompt_ids[-1:]
