@@ -124,3 +124,20 @@ def test_teacher_sharing_the_students_weights_is_refused(peft, tokenizer, tmp_pa
     kwargs = {"peft_config": LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")} if peft else {}
     with pytest.raises(ValueError, match="shares weights with the student"):
         make(tokenizer, tmp_path, student, student, trainer_kwargs=kwargs)
+
+
+def test_adaptive_schedule_without_evaluation_is_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"schedule='adaptive'.*no evaluation.*eval_dataset"):
+        make(tokenizer, tmp_path, schedule="adaptive")
+    with pytest.warns(UserWarning, match="init_threshold=0.5 for the whole run"):
+        make(tokenizer, tmp_path, schedule="adaptive", init_threshold=0.5)
+    evaluated = make(tokenizer, tmp_path, schedule="adaptive", eval_strategy="steps", eval_steps=1,
+                     trainer_kwargs={"eval_dataset": Dataset.from_list(toy_rows(2))})
+    assert evaluated.schedule.threshold == 0.0
+
+
+def test_model_card_is_titled_after_the_output_directory(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path / "my-student")
+    trainer.create_model_card(dataset_name="some/dataset")
+    card = (tmp_path / "my-student" / "README.md").read_text()
+    assert "# Model Card for my-student" in card

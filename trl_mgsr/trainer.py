@@ -19,6 +19,7 @@ import copy
 import os
 import random
 import textwrap
+import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -107,6 +108,7 @@ class MGSRTrainer(GKDTrainer):
                 "MGSRTrainer does not take `formatting_func`: give rows with `messages` or `prompt`/`completion` "
                 "columns (format them with `dataset.map` first)."
             )
+        _check_adaptive_schedule(args, eval_dataset)
         teacher_model = _load_teacher(teacher_model, args)
         if isinstance(model, nn.Module) and _shares_weights(model, teacher_model):
             raise ValueError(
@@ -586,6 +588,9 @@ class MGSRTrainer(GKDTrainer):
         """TRL's card plus an "MGSR distillation" section: teacher, dataset, objective, MGSR settings, citation."""
         from .model_card import add_mgsr_section, hub_dataset_name
 
+        if model_name is None:  # as transformers names it when it pushes
+            model_name = (self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir)))
+            model_name = model_name.split("/")[-1]
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset_name(dataset_name), tags=tags)
         add_mgsr_section(self, dataset_name)
 
@@ -613,6 +618,20 @@ def _as_mgsr_config(args, model) -> MGSRConfig:
         values = {f.name: getattr(args, f.name) for f in fields(GKDConfig) if f.init and hasattr(args, f.name)}
         return MGSRConfig(**values)
     raise TypeError(f"`args` must be an MGSRConfig (or a GKDConfig), got {type(args).__name__}.")
+
+
+def _check_adaptive_schedule(args: MGSRConfig, eval_dataset) -> None:
+    """`schedule="adaptive"` moves its student-sample probability only on evaluation losses."""
+    if args.schedule != "adaptive" or (eval_dataset is not None and args.eval_strategy != "no"):
+        return
+    message = (
+        "schedule='adaptive' raises its student-sample probability only when the evaluation loss rises, but this "
+        "run has no evaluation (pass `eval_dataset` and set `eval_strategy` to 'steps' or 'epoch'), so it would stay "
+        f"at init_threshold={args.init_threshold}"
+    )
+    if args.init_threshold == 0:
+        raise ValueError(f"{message}: no student samples at all. Add evaluation, or use schedule='gkd' with `lmbda`.")
+    warnings.warn(f"{message} for the whole run.", stacklevel=3)
 
 
 def _load_teacher(teacher_model, args: MGSRConfig):
