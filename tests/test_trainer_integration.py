@@ -141,3 +141,12 @@ def test_model_card_is_titled_after_the_output_directory(tokenizer, tmp_path):
     trainer.create_model_card(dataset_name="some/dataset")
     card = (tmp_path / "my-student" / "README.md").read_text()
     assert "# Model Card for my-student" in card
+
+
+def test_only_the_trainers_own_evaluation_drives_the_adaptive_schedule(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path, schedule="adaptive", eval_strategy="steps", eval_steps=1,
+                   trainer_kwargs={"eval_dataset": Dataset.from_list(toy_rows(2))})
+    trainer.evaluate(Dataset.from_list(toy_rows(4)))  # an ad hoc dataset
+    assert trainer.schedule.last_eval_loss is None
+    metrics = trainer.evaluate()
+    assert trainer.schedule.last_eval_loss == metrics["eval_loss"]

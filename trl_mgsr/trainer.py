@@ -531,11 +531,13 @@ class MGSRTrainer(GKDTrainer):
         super()._load_rng_state(checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """`Trainer.evaluate`; the adaptive schedule also sees the evaluation loss (of the first eval dataset)."""
+        """`Trainer.evaluate`; the adaptive schedule also sees the evaluation loss of the trainer's own (first)
+        eval dataset, not of a dataset passed in ad hoc."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        first = metric_key_prefix == "eval" or (
+        own = eval_dataset is None or isinstance(eval_dataset, str)  # a str names one of `self.eval_dataset`
+        first = own and (metric_key_prefix == "eval" or (
             isinstance(self.eval_dataset, dict) and metric_key_prefix == f"eval_{next(iter(self.eval_dataset))}"
-        )
+        ))
         if isinstance(self.schedule, AdaptiveSchedule) and first and f"{metric_key_prefix}_loss" in metrics:
             self.schedule.on_eval_loss(metrics[f"{metric_key_prefix}_loss"])
             self._metrics["train"]["mgsr/student_threshold"].append(self.schedule.threshold)
