@@ -150,3 +150,13 @@ def test_only_the_trainers_own_evaluation_drives_the_adaptive_schedule(tokenizer
     assert trainer.schedule.last_eval_loss is None
     metrics = trainer.evaluate()
     assert trainer.schedule.last_eval_loss == metrics["eval_loss"]
+
+
+def test_collator_pickles_without_the_trainer(tokenizer, tmp_path):
+    """DataLoader workers started with spawn pickle the collator: it must not drag the models along."""
+    import pickle
+
+    trainer = make(tokenizer, tmp_path)
+    collator = pickle.loads(pickle.dumps(trainer.data_collator))
+    assert len(pickle.dumps(trainer.data_collator)) < 200_000
+    torch.testing.assert_close(collator(toy_rows(2))["span_ids"], trainer.data_collator(toy_rows(2))["span_ids"])

@@ -16,6 +16,7 @@ How a training step flows (the parts GKD users know keep their names):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 import textwrap
@@ -132,7 +133,11 @@ class MGSRTrainer(GKDTrainer):
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if data_collator is None:
             data_collator = MGSRDataCollator(
-                processing_class, max_length=args.max_length, span_fn=self.span_ids if self.span_extractor else None
+                processing_class,
+                max_length=args.max_length,
+                # not the bound `self.span_ids`: DataLoader workers would pickle the whole trainer with it
+                span_fn=functools.partial(span_ids_from_tokens, extractor=self.span_extractor)
+                if self.span_extractor else None,
             )
 
         SFTTrainer.__init__(
