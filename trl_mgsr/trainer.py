@@ -28,6 +28,7 @@ from typing import Any
 import datasets
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl.models import prepare_deepspeed
@@ -39,6 +40,7 @@ from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
+from .losses.terms import IGNORE_INDEX
 from .losses import DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_span_loss, sft_loss
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
@@ -396,15 +398,17 @@ class MGSRTrainer(GKDTrainer):
         self.teacher_model.eval()
         with torch.no_grad():
             teacher_logits = self._forward(self.teacher_model, inputs["input_ids"], inputs["attention_mask"]).logits
-        student_logits = student_outputs.logits[:, :-1, :vocab]
-        teacher_logits = teacher_logits[:, :-1, :vocab]
-        labels = inputs["labels"][:, 1:]
+        # Position k predicts token k+1: labels shift left instead of the logits losing their last position, so the
+        # logits stay contiguous and the losses flatten them without a copy.
+        student_logits = student_outputs.logits[..., :vocab]
+        teacher_logits = teacher_logits[..., :vocab]
+        labels = _shift_left(inputs["labels"], IGNORE_INDEX)
 
         terms: dict[str, LossTerm] = {}
         if self.args.sft_weight > 0:
             if "sft_input_ids" in inputs:
                 sft_logits = self._forward(model, inputs["sft_input_ids"], inputs["sft_attention_mask"]).logits
-                terms["sft"] = sft_loss(sft_logits[:, :-1, :vocab], inputs["sft_labels"][:, 1:])
+                terms["sft"] = sft_loss(sft_logits[..., :vocab], _shift_left(inputs["sft_labels"], IGNORE_INDEX))
             else:
                 terms["sft"] = sft_loss(student_logits, labels)
         if self.args.dac_weight > 0:
@@ -412,7 +416,7 @@ class MGSRTrainer(GKDTrainer):
         if self.args.span_weight > 0:
             if "span_ids" not in inputs:  # a user collator without spans
                 inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
-            span_ids = inputs["span_ids"][:, 1:]
+            span_ids = _shift_left(inputs["span_ids"], -1)
             terms["span"] = chunked_span_loss(
                 student_logits, teacher_logits, labels, span_ids, distance=self.args.span_distance,
                 chunk_size=self.args.loss_chunk_size,
@@ -625,6 +629,11 @@ def _as_mgsr_config(args, model) -> MGSRConfig:
         values = {f.name: getattr(args, f.name) for f in fields(GKDConfig) if f.init and hasattr(args, f.name)}
         return MGSRConfig(**values)
     raise TypeError(f"`args` must be an MGSRConfig (or a GKDConfig), got {type(args).__name__}.")
+
+
+def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
+    """`[B, T]` -> `[B, T]`: `x[:, k + 1]` at position k, `fill` at the last position."""
+    return F.pad(x[:, 1:], (0, 1), value=fill)
 
 
 def _check_adaptive_schedule(args: MGSRConfig, eval_dataset) -> None:

@@ -40,9 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .terms import LossTerm
+from .terms import IGNORE_INDEX, LossTerm
 
-IGNORE_INDEX = -100
 _INIT_EPS = 1e-4  # clamp of the inverse sigmoid used to initialise DACBandNet at band edges like lo=0
 
 

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # the label of positions that are not completion tokens
+
 
 class LossTerm(NamedTuple):
     """One loss term of a micro-batch.
@@ -29,6 +31,6 @@ class LossTerm(NamedTuple):
 
 def sft_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> LossTerm:
     """Cross-entropy of `student_logits` `[B, T, V]` on `labels` `[B, T]` (-100 ignored), summed over tokens."""
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     total = F.cross_entropy(student_logits[mask].float(), labels[mask], reduction="sum")  # 0 with no tokens
     return LossTerm(total=total, num_items=mask.sum(), stats={})
