@@ -123,7 +123,7 @@ class MGSRTrainer(GKDTrainer):
             source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             if not source:
                 raise ValueError("MGSRTrainer needs `processing_class` (the tokenizer) when `model` is not a path/id.")
-            processing_class = AutoTokenizer.from_pretrained(source)
+            processing_class = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
 
         # Built once here, so a missing NLTK/spaCy fails at construction rather than mid-training.
         self.span_extractor = (
