@@ -40,6 +40,7 @@ from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
+from .generation import pure_sampling
 from .losses.terms import IGNORE_INDEX
 from .losses import DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_span_loss, sft_loss
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
@@ -246,7 +247,7 @@ class MGSRTrainer(GKDTrainer):
                     self.accelerator,
                     generation_kwargs=self.generation_kwargs,
                     gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                ) as unwrapped:
+                ) as unwrapped, pure_sampling(unwrapped):
                     ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
                 inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
             elif source == REPLAY:  # buffered samples bring their own span ids
@@ -254,7 +255,7 @@ class MGSRTrainer(GKDTrainer):
             else:
                 with unwrap_model_for_generation(
                     self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
-                ) as unwrapped:
+                ) as unwrapped, pure_sampling(unwrapped):
                     ids, mask, labels = GKDTrainer.generate_on_policy_outputs(
                         unwrapped, inputs, self.teacher_generation_config
                     )
