@@ -158,7 +158,7 @@ def _edges(lp: torch.Tensor, lo, hi, opts: _Opts):
     """
     V = lp.shape[-1]
     k = V if opts.top_k is None else min(opts.top_k, V)
-    vals, idx = lp.sort(dim=-1, descending=True) if opts.top_k is None else lp.topk(k, dim=-1)
+    vals, idx = lp.sort(dim=-1, descending=True, stable=True) if opts.top_k is None else lp.topk(k, dim=-1)
     ps = vals.exp()
     c = ps.cumsum(-1)
     s, lo_, hi_ = opts.sharpness, _col(lo), _col(hi)
@@ -272,7 +272,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
         kept_tokens, kept_mass = log_pt.new_full((n,), V), log_pt.new_ones(n)
     else:
         k = V if opts.top_k is None else min(opts.top_k, V)
-        ps, idx = log_pt.sort(dim=-1, descending=True) if opts.top_k is None else log_pt.topk(k, dim=-1)
+        ps, idx = log_pt.sort(dim=-1, descending=True, stable=True) if opts.top_k is None else log_pt.topk(k, dim=-1)
         ps = ps.exp_()
         c = ps.cumsum(-1)
         ck = c[:, -1:].clone()  # mass of the sorted tokens; the tail holds 1 - ck
