@@ -110,3 +110,45 @@ def test_eval_cli_score_equals_rouge_score_on_its_generations(tiny_model_dir, tm
     assert results["protocol"]["top_k"] == 0 and results["protocol"]["temperature"] == 1.0
     table = (tmp_path / "second" / "results.md").read_text()
     assert "| five | 5 |" in table and "seed 1" in table
+
+
+def _generate_inputs(model, tokenizer, prompts, **kwargs):
+    """The prompt ids `generate` feeds the model (padding removed), captured from `model.generate`."""
+    from trl_mgsr.evaluation import generate
+
+    seen, original = [], model.generate
+
+    def spy(input_ids, attention_mask, **kw):
+        seen.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        return original(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    model.generate = spy
+    outputs = generate(model, tokenizer, prompts, seed=0, max_new_tokens=4, progress=False, **kwargs)
+    return seen, outputs
+
+
+def test_long_prompts_keep_their_first_tokens_and_bos_comes_once():
+    from tokenizers import processors
+
+    from trl_mgsr.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
+    model = build_llama(tok, hidden_size=16, num_layers=1)
+    long_prompt = "Write a long story about the capital of France and its river. " * 4
+    seen, _ = _generate_inputs(model, tok, [long_prompt, "<bos>Say hi."], max_prompt_length=8)
+    full = tok(long_prompt)["input_ids"]
+    assert seen[0] == full[:8]  # MiniLLM keeps the start of the prompt
+    assert seen[1] == tok("Say hi.")["input_ids"]  # one BOS, not two
+
+
+def test_sampling_ignores_settings_saved_with_the_model(tokenizer):
+    import copy
+
+    clean = build_llama(tokenizer, hidden_size=16, num_layers=1, seed=3)
+    tuned = copy.deepcopy(clean)
+    tuned.generation_config.update(repetition_penalty=5.0, suppress_tokens=list(range(20, len(tokenizer))))
+    prompts = ["What is the capital of France?", "Name a river."]
+    assert _generate_inputs(tuned, tokenizer, prompts)[1] == _generate_inputs(clean, tokenizer, prompts)[1]

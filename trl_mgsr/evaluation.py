@@ -280,18 +280,23 @@ def generate(
 ) -> list[str]:
     """Sample one response per prompt with the protocol's settings; batched, left-padded, order preserved.
 
-    Prompts longer than `max_prompt_length` tokens keep their last `max_prompt_length` tokens. Prompts are
-    batched by length (longest first) so that padding stays small; the seed is set once per call.
+    Prompts get the tokenizer's BOS (once) and, when longer than `max_prompt_length` tokens, keep their first
+    `max_prompt_length` tokens, as MiniLLM's prompt dataset does. Sampling ignores settings saved in the model's
+    `generation_config.json` (`pure_sampling`). Prompts are batched by length (longest first) so that padding stays
+    small; the seed is set once per call.
     """
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig, set_seed
 
+    from .data import encode_prompt
+    from .generation import pure_sampling
+
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if max_prompt_length:
-        encoded = [ids[-max_prompt_length:] for ids in encoded]
+        encoded = [ids[:max_prompt_length] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     eos = getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
@@ -311,7 +316,7 @@ def generate(
         for row, i in enumerate(batch):
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
             mask[row, width - len(encoded[i]) :] = 1
-        with torch.no_grad():
+        with torch.no_grad(), pure_sampling(model):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for i, text in zip(batch, texts):
@@ -427,7 +432,7 @@ def build_parser(prog: str = "trl-mgsr eval"):
     )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--max_prompt_length", type=int, default=256, help="Prompts keep their last N tokens.")
+    parser.add_argument("--max_prompt_length", type=int, default=256, help="Prompts keep their first N tokens (MiniLLM).")
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate the first N rows of each set.")
     parser.add_argument("--output_dir", default="mgsr-eval", help="Where results.json/.md and generations go.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
