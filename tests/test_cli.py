@@ -131,7 +131,18 @@ ERRORS = {
                            "no such model directory"),
     "eval bad flag": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--bogus"],
                       "unrecognized arguments: --bogus"),
+    "eval bad prompt length": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--max_prompt_length", "-3"],
+                               "--max_prompt_length must be >= 1"),
+    "eval bad max_samples": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--max_samples", "0"],
+                             "--max_samples must be >= 1"),
+    "eval repeated seeds": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--seeds", "10", "10"],
+                            "--seeds must be distinct"),
+    "eval unknown device": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--device", "bogus"],
+                            "is not a torch device"),
+    "eval absent device": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--device", "xpu"],
+                           "no xpu device is available"),
     "demo bad flag": (lambda w, t: ["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    "demo bad threads": (lambda w, t: ["demo", "--threads", "-1"], "--threads must be >= 1"),
 }
 
 

@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for tiny models)."
     )
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     settings = QUICK if args.quick else DemoSettings()
     if args.distill_steps is not None:
         if args.distill_steps < 1:

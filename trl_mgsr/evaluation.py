@@ -221,6 +221,21 @@ def load_eval_set(source: str, split: str = "test", max_samples: int | None = No
 # ---------------------------------------------------------------------------------------------- model
 
 
+def check_device(device: str | None) -> None:
+    """Raise an `EvalError` unless `device` (None = automatic) names a torch device this machine has."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvalError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    module = getattr(torch, kind, None)
+    if kind != "cpu" and not (module is not None and hasattr(module, "is_available") and module.is_available()):
+        raise EvalError(f"--device {device!r}: no {kind} device is available on this machine (use cpu)")
+
+
 def load_model(path: str, device: str | None = None, dtype: str = "auto"):
     """`(model, tokenizer)` from a saved model directory, a saved LoRA adapter directory, or a Hub id.
 
@@ -443,9 +458,13 @@ def build_parser(prog: str = "trl-mgsr eval"):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("batch_size", "max_new_tokens", "max_prompt_length", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name} must be >= 1, got {value}")
+    if len(set(args.seeds)) < len(args.seeds):
+        raise EvalError(f"--seeds must be distinct, got {args.seeds}")
+    check_device(args.device)
     sets = [load_eval_set(source, args.split, args.max_samples) for source in args.data]
     names = [s.name for s in sets]
     for i, s in enumerate(sets):  # two sets with the same derived name: keep both
