@@ -42,7 +42,15 @@ BASE = dict(bf16=False, use_cpu=True, report_to="none")
         ("replay_ratio_start", 1.5),
         ("replay_ratio_end", -0.5),
         ("temperature", 0.0),
+        ("temperature", "hot"),
         ("max_new_tokens", 0),
+        ("sft_weight", float("nan")),
+        ("dac_weight", float("inf")),
+        ("dac_min_width", "wide"),
+        ("scrg_rounds", True),
+        ("span_extractor_kwargs", "notjson"),
+        ("span_extractor_kwargs", '{"model": 1'),
+        ("span_extractor_kwargs", ["model"]),
     ],
 )
 def test_invalid_value_raises_naming_the_field(field, value):
@@ -107,3 +115,18 @@ def test_readme_table_lists_every_field_with_its_default():
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         assert f"| `{f.name}` | `{default!r}` |" in readme, f.name
+
+
+def test_mgsr_fields_are_checked_before_trainingarguments_checks():
+    """A CPU-only machine with the default bf16=True still gets the MGSR field's own message."""
+    with pytest.raises(ValueError, match=r"\bdac_lo\b"):
+        MGSRConfig("out", dac_lo=2.0)
+
+
+def test_span_extractor_kwargs_json_string_is_parsed():
+    assert MGSRConfig("out", **BASE, span_extractor_kwargs='{"model": "x"}').span_extractor_kwargs == {"model": "x"}
+
+
+def test_beta_other_than_gkds_default_warns_that_it_is_ignored():
+    with pytest.warns(UserWarning, match=r"beta=1.0 is ignored.*dac_kl_direction='reverse'"):
+        MGSRConfig("out", **BASE, beta=1.0)

@@ -581,3 +581,10 @@ def test_span_counts():
     span_ids = torch.tensor([[-1, 0, 0, 1, 1, -1], [-1, -1, -1, -1, -1, -1], [0, 0, 1, 1, 2, 2]])
     assert span_counts(span_ids).tolist() == [2, 0, 3]
     assert span_counts(torch.zeros(2, 0, dtype=torch.long)).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("extractor,kwargs", [("builtin", {"model": "x"}), ("spacy", {"bogus": 1}),
+                                              (lambda text, n=1: [], {"m": 2})])
+def test_kwargs_the_extractor_does_not_take_fail_when_it_is_built(extractor, kwargs):
+    with pytest.raises(ValueError, match=r"span_extractor_kwargs .* do not fit"):
+        get_span_extractor(extractor, **kwargs)

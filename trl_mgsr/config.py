@@ -6,11 +6,16 @@ which ones are our choice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._trl import GKDConfig
 from .losses.span import SPAN_DISTANCES
+
+GKD_DEFAULT_BETA = next(f.default for f in fields(GKDConfig) if f.name == "beta")
 
 SCHEDULES = ("gkd", "adaptive")
 KL_DIRECTIONS = ("forward", "reverse")
@@ -27,7 +32,8 @@ class MGSRConfig(GKDConfig):
     option) plus the options of Multi-Granularity Semantic Revision.
 
     The objective is `sft_weight * L_SFT + dac_weight * L_DAC-KL + span_weight * L_span`. GKD's `beta` is not used
-    by the MGSR loss (DAC-KL has its own `dac_kl_direction`); `lmbda`, `seq_kd`, `temperature` and
+    (DAC-KL has its own `dac_kl_direction`; a `beta` other than GKD's default gets a warning); `temperature` is the
+    sampling temperature of on-policy generation only (the losses use `dac_temperature`); `lmbda`, `seq_kd` and
     `max_new_tokens` keep their GKD meaning.
 
     > Loss weights
@@ -226,8 +232,22 @@ class MGSRConfig(GKDConfig):
     )
 
     def __post_init__(self):
+        if isinstance(self.span_extractor_kwargs, str):  # from the command line: JSON
+            try:
+                self.span_extractor_kwargs = json.loads(self.span_extractor_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"MGSRConfig.span_extractor_kwargs must be a JSON object such as '{{\"model\": "
+                    f"\"en_core_web_md\"}}', got {self.span_extractor_kwargs!r} ({err})."
+                ) from None
+        self._validate_mgsr()  # before TrainingArguments' checks (e.g. bf16 on a CPU), so MGSR mistakes show first
         super().__post_init__()
-        self._validate_mgsr()
+        if self.beta != GKD_DEFAULT_BETA:
+            warnings.warn(
+                f"MGSRConfig.beta={self.beta} is ignored: MGSR's token-level loss is DAC-KL, not GKD's generalized JSD. "
+                "Use dac_kl_direction='reverse' for a reverse KL.",
+                stacklevel=3,
+            )
 
     def _validate_mgsr(self):
         def fail(name, rule):
@@ -253,9 +273,10 @@ class MGSRConfig(GKDConfig):
                 "MGSRConfig: sft_weight, dac_weight and span_weight are all 0, so there is nothing to train; "
                 "set at least one of them > 0."
             )
-        for name in ("scrg_rounds",):
-            if not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
-                fail(name, "must be an integer >= 0 (0 turns SCRG off)")
+        if not isinstance(self.span_extractor_kwargs, (dict, type(None))):
+            fail("span_extractor_kwargs", "must be a dict of the extractor's keyword arguments (or None)")
+        if isinstance(self.scrg_rounds, bool) or not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
+            fail("scrg_rounds", "must be an integer >= 0 (0 turns SCRG off)")
         for name in ("dac_features", "dac_hidden_size", "loss_chunk_size", "replay_capacity"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")
@@ -264,7 +285,7 @@ class MGSRConfig(GKDConfig):
         for name in ("dac_sharpness", "dac_temperature", "dac_learning_rate"):
             if not self._is_number(name) or getattr(self, name) <= 0:
                 fail(name, "must be a number > 0")
-        if not 0 < self.dac_min_width <= 1:
+        if not self._is_number("dac_min_width") or not 0 < self.dac_min_width <= 1:
             fail("dac_min_width", "must be in (0, 1]")
         for name in ("dac_lo", "dac_hi", "init_threshold", "replay_ratio_start", "replay_ratio_end"):
             if not self._is_number(name) or not 0 <= getattr(self, name) <= 1:
@@ -277,11 +298,11 @@ class MGSRConfig(GKDConfig):
         for name in ("threshold_step", "loss_eps"):
             if not self._is_number(name) or getattr(self, name) < 0:
                 fail(name, "must be a number >= 0")
-        if self.temperature <= 0:
+        if not self._is_number("temperature") or self.temperature <= 0:
             fail("temperature", "must be > 0")
         if self.max_new_tokens < 1:
             fail("max_new_tokens", "must be an integer >= 1")
 
     def _is_number(self, name) -> bool:
         value = getattr(self, name)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

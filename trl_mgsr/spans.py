@@ -17,6 +17,7 @@ extractor on that text and turns the character spans into a `[B, T]` tensor of s
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -244,6 +245,22 @@ def spacy_spans(text: str, model: str | Callable[[str], Any] = "en_core_web_sm")
         ) from e
 
 
+_EXTRACTORS = {"builtin": builtin_spans, "nltk": nltk_spans, "spacy": spacy_spans}
+
+
+def _check_kwargs(extractor: Callable, kwargs: dict[str, Any], name: str) -> None:
+    """Raise a `ValueError` naming `span_extractor_kwargs` when `extractor(text, **kwargs)` cannot be called."""
+    try:
+        inspect.signature(extractor).bind_partial("text", **kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"span_extractor_kwargs {kwargs} do not fit the {name} span extractor ({err}); its parameters: "
+            f"{inspect.signature(extractor)}."
+        ) from None
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
+
+
 def get_span_extractor(name_or_callable: str | SpanExtractor = "builtin", **kwargs: Any) -> SpanExtractor:
     """The extractor `text -> [(start_char, end_char)]` for `"builtin"`, `"nltk"`, `"spacy"` or a callable.
 
@@ -252,7 +269,10 @@ def get_span_extractor(name_or_callable: str | SpanExtractor = "builtin", **kwar
     fails at setup with `SpanBackendUnavailableError` rather than in the middle of training.
     """
     if callable(name_or_callable):
+        _check_kwargs(name_or_callable, kwargs, getattr(name_or_callable, "__name__", "the callable"))
         return functools.partial(name_or_callable, **kwargs) if kwargs else name_or_callable
+    if name_or_callable in SPAN_EXTRACTOR_NAMES:
+        _check_kwargs(_EXTRACTORS[name_or_callable], kwargs, repr(name_or_callable))
     if name_or_callable == "builtin":
         return functools.partial(builtin_spans, **kwargs) if kwargs else builtin_spans
     if name_or_callable == "nltk":
