@@ -115,7 +115,10 @@ def test_distill_lora_merge_adapter(workdir):
 
 ERRORS = {
     "unknown command": (lambda w, t: ["distil"], "unknown command"),
-    "distill missing file": (lambda w, t: ["--dataset_name", str(t / "missing.jsonl")], "no such file"),
+    "distill missing file": (lambda w, t: ["--dataset_name", str(t / "missing.jsonl")],
+                             "missing.jsonl: no such file"),
+    "distill missing file flag": (lambda w, t: ["--dataset_name", "missing.jsonl"], "--dataset_name missing.jsonl"),
+    "distill eval without data": (lambda w, t: ["--eval_strategy", "steps"], "--eval_strategy steps needs"),
     "distill unknown column": (lambda w, t: ["--dataset_name", str(t / "bad.jsonl")],
                                "has columns ['answer', 'question']"),
     "distill bad flag": (lambda w, t: ["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
@@ -198,3 +201,18 @@ def test_distill_push_to_hub_goes_through_trainer_push_to_hub(workdir, monkeypat
     assert repo_id == "someone/mgsr-tiny" and Path(folder) == out
     assert {"model.safetensors", "tokenizer.json", "README.md"} <= set(files)
     assert "## MGSR distillation" in card and str(workdir / "train.jsonl") in card
+
+
+@pytest.mark.parametrize("saved", ["dataset", "dataset_dict"])
+def test_distill_loads_a_saved_dataset_directory(saved, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from trl_mgsr import MGSRConfig
+    from trl_mgsr.distill import MGSRScriptArguments, load_datasets
+
+    rows = [r for r in ROWS if isinstance(r["output"], str)]
+    data = Dataset.from_list(rows)
+    (DatasetDict({"train": data}) if saved == "dataset_dict" else data).save_to_disk(str(tmp_path / "saved"))
+    script_args = MGSRScriptArguments(dataset_name=str(tmp_path / "saved"))
+    train, evaluation, source = load_datasets(script_args, MGSRConfig("out", use_cpu=True, report_to="none"))
+    assert len(train) == len(rows) and {"prompt", "completion"} <= set(train.column_names) and evaluation is None

@@ -26,7 +26,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .cli import OneLineErrors
 from .config import MGSRConfig
-from .evaluation import DATA_FILE_SUFFIXES, quiet_datasets, render_prompt
+from .evaluation import DATA_FILE_SUFFIXES, SAVED_DATASET_FILES, quiet_datasets, render_prompt
 
 
 @dataclass
@@ -101,22 +101,24 @@ def to_training_format(dataset, source: str):
 
 def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
     """`(train_dataset, eval_dataset, source)` from `--train_file/--eval_file`, a local file or `--dataset_name`."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-    name, train_file = script_args.dataset_name, script_args.train_file
+    name, train_file, train_flag = script_args.dataset_name, script_args.train_file, "--train_file"
     if train_file is None and name and (os.path.isfile(name) or name.endswith(DATA_FILE_SUFFIXES)):
-        train_file = name
+        train_file, train_flag = name, "--dataset_name"
     want_eval = training_args.eval_strategy != "no"
     if train_file is not None:
-        train = to_training_format(_load_file(train_file, "--train_file"), train_file)
+        train = to_training_format(_load_file(train_file, train_flag), train_file)
         evaluation = None
         if script_args.eval_file is not None:
             evaluation = to_training_format(_load_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
         source = train_file
     elif name:
         try:
-            if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
-                data = load_from_disk(name)
+            if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in SAVED_DATASET_FILES):
+                data = load_from_disk(name)  # `save_to_disk` of a DatasetDict, or of one Dataset (the train split)
+                if isinstance(data, Dataset):
+                    data = DatasetDict({script_args.dataset_train_split: data})
             else:
                 data = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
         except Exception as err:  # offline, unknown name, bad builder: one line
@@ -139,7 +141,7 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
         raise ValueError("no training data: give --dataset_name (a Hub dataset, a directory or a file) or --train_file")
     if want_eval and evaluation is None:
         raise ValueError(
-            f"--eval_strategy {training_args.eval_strategy} needs evaluation data: give --eval_file or a dataset "
+            f"--eval_strategy {getattr(training_args.eval_strategy, 'value', training_args.eval_strategy)} needs evaluation data: give --eval_file or a dataset "
             f"with a {script_args.dataset_test_split!r} split"
         )
     return train, (evaluation if want_eval else None), source

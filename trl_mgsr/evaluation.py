@@ -37,6 +37,8 @@ ALPACA_PROMPT_NO_INPUT = (
 PROMPT_COLUMNS = ("prompt", "instruction")
 REFERENCE_COLUMNS = ("output", "completion")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+#: what `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write
+SAVED_DATASET_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
 #: The sampling settings of the protocol (MiniLLM / DistiLLM evaluation).
 SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
 
@@ -188,7 +190,7 @@ def load_rows(source: str, split: str = "test") -> list[dict[str, Any]]:
 
     try:
         if os.path.isdir(source) and any(
-            os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "dataset_info.json")
+            os.path.exists(os.path.join(source, f)) for f in SAVED_DATASET_FILES
         ):
             data = load_from_disk(source)
             if isinstance(data, DatasetDict):
