@@ -1,11 +1,10 @@
 # Copyright the trl_mgsr developers. Licensed under the Apache License, Version 2.0.
 """Evaluate a saved student on the MiniLLM/DistiLLM instruction-following sets (ROUGE-L, several seeds).
 
-Looks for the sets under --data_dir (`dolly/valid.jsonl`, `self-inst/valid.jsonl`, `vicuna/valid.jsonl`,
-`sinst/valid.jsonl` with list references, `uinst/valid.jsonl`), skips missing ones with a note, and writes
-`results.json`, `results.md` and `generations.jsonl` to --output_dir. The model may be a full model directory or a
-LoRA adapter directory (its base is read from `adapter_config.json`). Same as
-`trl-mgsr eval --model M --data <the five files>`.
+Runs `trl-mgsr eval` on the sets found under --data_dir (`dolly/valid.jsonl`, `self-inst/valid.jsonl`,
+`vicuna/valid.jsonl`, `sinst/valid.jsonl` with list references, `uinst/valid.jsonl`), skipping missing ones with a
+note. Every other flag is `trl-mgsr eval`'s, with its defaults (`--seeds`, `--batch_size`, `--max_new_tokens`,
+`--max_samples`, `--output_dir`, ...). The model may be a full model directory or a LoRA adapter directory.
 
 # A quick look (50 rows per set, 3 seeds) at the student saved by examples/mgsr.py:
 python examples/evaluate_student.py --model mgsr-example --data_dir ../shared/data \
@@ -18,40 +17,32 @@ python examples/evaluate_student.py --model Qwen2.5-0.5B-MGSR --data_dir ../shar
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from trl_mgsr.evaluation import evaluate, load_eval_set, load_model, markdown_table, write_results
+from trl_mgsr.cli import main as trl_mgsr
 
 #: `../shared/data` next to this repository (the project's data folder), the default --data_dir.
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("dolly/valid.jsonl", "self-inst/valid.jsonl", "vicuna/valid.jsonl", "sinst/valid.jsonl", "uinst/valid.jsonl")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Saved model or LoRA adapter directory.")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="Directory holding the MiniLLM sets.")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30])
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--output_dir", default="mgsr-eval")
-    args = parser.parse_args()
-
-    sets = []
+    args, eval_args = parser.parse_known_args(argv)
+    found = []
     for relative in SETS:
         path = os.path.join(args.data_dir, relative)
         if os.path.isfile(path):
-            sets.append(load_eval_set(path, max_samples=args.max_samples))
+            found.append(path)
         else:
             print(f"skipping {relative}: not found under {args.data_dir}")
-    if not sets:
-        raise SystemExit(f"no evaluation set found under {args.data_dir}")
-    model, tokenizer = load_model(args.model)
-    result = evaluate(model, tokenizer, sets, args.seeds, args.batch_size, args.max_new_tokens)
-    write_results(result, args.output_dir, model=args.model)
-    print(markdown_table(result), end="")
+    if not found and "-h" not in eval_args and "--help" not in eval_args:
+        print(f"evaluate_student.py: error: no evaluation set found under {args.data_dir}", file=sys.stderr)
+        return 2
+    return trl_mgsr(["eval", *eval_args, "--data", *found])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,12 +22,11 @@ Writes the adapter (with tokenizer and model card) to --output_dir and the merge
 import argparse
 
 import torch
-from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_mgsr import MGSRConfig, MGSRTrainer
-from trl_mgsr.distill import merge_adapter, merged_output_dir, to_training_format
+from trl_mgsr.distill import load_data_file, merge_adapter, merged_output_dir, to_training_format
 
 
 def main():
@@ -51,7 +50,7 @@ def main():
     student = AutoModelForCausalLM.from_pretrained(args.student)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
 
-    train = load_dataset("json", data_files=args.train_file, split="train")
+    train = load_data_file(args.train_file, "--train_file")
     if args.max_rows:
         train = train.select(range(min(args.max_rows, len(train))))
     train = to_training_format(train, args.train_file)  # MiniLLM/Alpaca rows -> prompt/completion

@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "trl-mgsr distill"):
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _load_file(path: str, what: str):
+def load_data_file(path: str, what: str):
+    """A local .jsonl/.json/.parquet file as a `Dataset`; errors name the flag `what` that gave the path."""
     from datasets import load_dataset
 
     if not os.path.isfile(path):
@@ -108,10 +109,10 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
         train_file, train_flag = name, "--dataset_name"
     want_eval = training_args.eval_strategy != "no"
     if train_file is not None:
-        train = to_training_format(_load_file(train_file, train_flag), train_file)
+        train = to_training_format(load_data_file(train_file, train_flag), train_file)
         evaluation = None
         if script_args.eval_file is not None:
-            evaluation = to_training_format(_load_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
+            evaluation = to_training_format(load_data_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
         source = train_file
     elif name:
         try:
@@ -135,7 +136,7 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
         test = script_args.dataset_test_split
         evaluation = to_training_format(data[test], name) if test in data else None
         if script_args.eval_file is not None:
-            evaluation = to_training_format(_load_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
+            evaluation = to_training_format(load_data_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
         source = name
     else:
         raise ValueError("no training data: give --dataset_name (a Hub dataset, a directory or a file) or --train_file")
