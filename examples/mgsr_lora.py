@@ -80,7 +80,7 @@ def main():
     trainer.train()
     trainer.save_model()  # the adapter + tokenizer
     trainer.create_model_card(dataset_name=args.train_file)
-    merged = merge_adapter(trainer, merged_output_dir(args.output_dir))
+    merged = merge_adapter(trainer, merged_output_dir(args.output_dir), dataset_name=args.train_file)
     print(f"Adapter saved to {args.output_dir}, merged model to {merged}")
 
 

@@ -99,6 +99,10 @@ def test_distill_lora_merge_adapter(workdir):
     assert (out / "adapter_config.json").is_file()
     merged_dir = workdir / "lora-merged"
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "README.md").is_file()
+    card = (merged_dir / "README.md").read_text()
+    assert "# Model Card for lora-merged" in card and "## MGSR distillation" in card
+    assert f'model="{merged_dir}"' in card  # its quick start loads the merged model, not the adapter
+    assert "# Model Card for lora\n" in (out / "README.md").read_text()  # the adapter's own card is unchanged
 
     adapter_model, tokenizer = load_model(str(out), device="cpu")  # base found through adapter_config.json
     generate(adapter_model, tokenizer)

@@ -19,7 +19,6 @@ reference), which is turned into `prompt`/`completion` with the Alpaca template 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
@@ -232,7 +231,7 @@ def run(script_args: MGSRScriptArguments, training_args: MGSRConfig, model_args:
         trainer.create_model_card(dataset_name=source)
         trainer.accelerator.print(f"Model, tokenizer and model card saved to {training_args.output_dir}")
     if script_args.merge_adapter and trainer.accelerator.is_main_process:
-        merged_dir = merge_adapter(trainer, merged_output_dir(training_args.output_dir))
+        merged_dir = merge_adapter(trainer, merged_output_dir(training_args.output_dir), dataset_name=source)
         trainer.accelerator.print(f"Merged model saved to {merged_dir}")
     trainer.accelerator.wait_for_everyone()
     return trainer
@@ -242,8 +241,9 @@ def merged_output_dir(output_dir: str) -> str:
     return os.path.normpath(output_dir) + "-merged"
 
 
-def merge_adapter(trainer, merged_dir: str) -> str:
-    """Merge the trainer's LoRA adapter into its base; save the full model, tokenizer and card in `merged_dir`.
+def merge_adapter(trainer, merged_dir: str, dataset_name: str | None = None) -> str:
+    """Merge the trainer's LoRA adapter into its base; save the full model, tokenizer and its own card (named after
+    and loading `merged_dir`) in `merged_dir`.
 
     Runs after saving (and pushing) the adapter: merging changes the trainer's model in place.
     """
@@ -253,9 +253,12 @@ def merge_adapter(trainer, merged_dir: str) -> str:
     merged = model.merge_and_unload()
     merged.save_pretrained(merged_dir)
     trainer.processing_class.save_pretrained(merged_dir)
-    card = os.path.join(trainer.args.output_dir, "README.md")
-    if os.path.isfile(card):
-        shutil.copyfile(card, os.path.join(merged_dir, "README.md"))
+    output_dir, hub_model_id = trainer.args.output_dir, trainer.hub_model_id
+    trainer.args.output_dir, trainer.hub_model_id = merged_dir, None  # the card describes the merged model
+    try:
+        trainer.create_model_card(dataset_name=dataset_name)
+    finally:
+        trainer.args.output_dir, trainer.hub_model_id = output_dir, hub_model_id
     return merged_dir
 
 
