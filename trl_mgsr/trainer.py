@@ -41,8 +41,7 @@ from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
 from .generation import pure_sampling
-from .losses.terms import IGNORE_INDEX
-from .losses import DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_span_loss, sft_loss
+from .losses import IGNORE_INDEX, DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_span_loss, sft_loss
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
 from .spans import get_span_extractor, span_counts, span_ids_from_tokens, span_pair_mask
@@ -601,8 +600,7 @@ class MGSRTrainer(GKDTrainer):
         from .model_card import add_mgsr_section, hub_dataset_name
 
         if model_name is None:  # as transformers names it when it pushes
-            model_name = (self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir)))
-            model_name = model_name.split("/")[-1]
+            model_name = (self.args.hub_model_id or os.path.normpath(self.args.output_dir)).split("/")[-1]
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset_name(dataset_name), tags=tags)
         add_mgsr_section(self, dataset_name)
 

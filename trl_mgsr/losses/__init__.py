@@ -2,10 +2,11 @@
 
 from .dac_kl import DACBandNet, chunked_dac_kl_loss, dac_kl_loss
 from .span import SPAN_DISTANCES, chunked_span_loss, span_loss
-from .terms import LossTerm, sft_loss
+from .terms import IGNORE_INDEX, LossTerm, sft_loss
 
 __all__ = [
     "DACBandNet",
+    "IGNORE_INDEX",
     "LossTerm",
     "SPAN_DISTANCES",
     "chunked_dac_kl_loss",
