@@ -138,6 +138,8 @@ ERRORS = {
                            "no such model directory"),
     "eval bad flag": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--bogus"],
                       "unrecognized arguments: --bogus"),
+    "eval bad row": (lambda w, t: ["eval", "--model", str(w / "student"), "--data", str(w / "train.jsonl"),
+                                   str(t / "badrow.jsonl")], "badrow.jsonl: row 1: no `output` column"),
     "eval bad prompt length": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--max_prompt_length", "-3"],
                                "--max_prompt_length must be >= 1"),
     "eval bad max_samples": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--max_samples", "0"],
@@ -156,6 +158,7 @@ ERRORS = {
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_cli_error_is_one_line(case, workdir, tmp_path, capsys):
     write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    write_jsonl(tmp_path / "badrow.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q"}])
     make, expected = ERRORS[case]
     argv = make(workdir, tmp_path)
     if case.startswith("distill"):

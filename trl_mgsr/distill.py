@@ -92,7 +92,8 @@ def to_training_format(dataset, source: str):
                 raise ValueError(f"{source}: row {index}: `output` must be a string or a list of strings")
             return {"prompt": render_prompt(row, index), "completion": completion}
 
-        return dataset.map(convert, with_indices=True, remove_columns=columns)
+        with quiet_datasets():
+            return dataset.map(convert, with_indices=True, remove_columns=columns)
     raise ValueError(
         f"{source}: has columns {sorted(columns)}; give `messages`, `prompt` + `completion`, or `instruction` "
         "(+ `input`) / `prompt` + `output`"

@@ -215,8 +215,11 @@ def load_eval_set(source: str, split: str = "test", max_samples: int | None = No
     check_columns(list(rows[0]), source)
     if max_samples is not None:
         rows = rows[:max_samples]
-    prompts = [render_prompt(r, i) for i, r in enumerate(rows)]
-    references = [row_references(r, i) for i, r in enumerate(rows)]
+    try:
+        prompts = [render_prompt(r, i) for i, r in enumerate(rows)]
+        references = [row_references(r, i) for i, r in enumerate(rows)]
+    except EvalError as err:
+        raise EvalError(f"{source}: {err}") from None
     return EvalSet(name or set_name(source), prompts, references, source)
 
 
