@@ -130,3 +130,10 @@ def test_span_extractor_kwargs_json_string_is_parsed():
 def test_beta_other_than_gkds_default_warns_that_it_is_ignored():
     with pytest.warns(UserWarning, match=r"beta=1.0 is ignored.*dac_kl_direction='reverse'"):
         MGSRConfig("out", **BASE, beta=1.0)
+
+
+def test_replay_buffer_smaller_than_a_batch_is_rejected():
+    with pytest.raises(ValueError, match=r"replay_capacity must hold at least one batch"):
+        MGSRConfig("out", **BASE, schedule="adaptive", replay_capacity=4, per_device_train_batch_size=8)
+    MGSRConfig("out", **BASE, schedule="adaptive", replay_capacity=4, per_device_train_batch_size=8,
+               replay_ratio_start=0.0)  # no replay wanted: fine

@@ -273,6 +273,10 @@ class MGSRConfig(GKDConfig):
                 "MGSRConfig: sft_weight, dac_weight and span_weight are all 0, so there is nothing to train; "
                 "set at least one of them > 0."
             )
+        if (self.schedule == "adaptive" and max(self.replay_ratio_start, self.replay_ratio_end) > 0
+                and self.replay_capacity < self.per_device_train_batch_size):
+            fail("replay_capacity", f"must hold at least one batch (per_device_train_batch_size="
+                 f"{self.per_device_train_batch_size}) for replay to ever happen")
         if not isinstance(self.span_extractor_kwargs, (dict, type(None))):
             fail("span_extractor_kwargs", "must be a dict of the extractor's keyword arguments (or None)")
         if isinstance(self.scrg_rounds, bool) or not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
