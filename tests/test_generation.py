@@ -45,7 +45,8 @@ def test_on_policy_samples_ignore_the_students_saved_settings(tokenizer, tmp_pat
     def first_sample(student_settings):
         student, teacher = build_pair(tokenizer)
         student.generation_config.update(**student_settings)
-        args = tiny_args(MGSRConfig, tmp_path, lmbda=1.0, scrg_rounds=0, gradient_checkpointing=False, max_new_tokens=12)
+        args = tiny_args(MGSRConfig, tmp_path, lmbda=1.0, scrg_rounds=0, gradient_checkpointing=False,
+                         max_new_tokens=12)
         trainer = MGSRTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
                               train_dataset=Dataset.from_list(toy_rows(4)))
         batch = trainer.data_collator(toy_rows(2))

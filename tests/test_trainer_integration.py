@@ -40,7 +40,8 @@ def test_user_optimizer_and_scheduler(tokenizer, tmp_path):
     student, teacher = build_pair(tokenizer)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=4)
-    trainer = make(tokenizer, tmp_path, student, teacher, max_steps=4, trainer_kwargs={"optimizers": (optimizer, scheduler)})
+    trainer = make(tokenizer, tmp_path, student, teacher, max_steps=4,
+                   trainer_kwargs={"optimizers": (optimizer, scheduler)})
     before = {k: v.clone() for k, v in trainer.dac_band_net.state_dict().items()}
     trainer.train()
     assert len(optimizer.param_groups) == 1 and trainer.state.global_step == 4

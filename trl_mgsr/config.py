@@ -244,8 +244,8 @@ class MGSRConfig(GKDConfig):
         super().__post_init__()
         if self.beta != GKD_DEFAULT_BETA:
             warnings.warn(
-                f"MGSRConfig.beta={self.beta} is ignored: MGSR's token-level loss is DAC-KL, not GKD's generalized JSD. "
-                "Use dac_kl_direction='reverse' for a reverse KL.",
+                f"MGSRConfig.beta={self.beta} is ignored: MGSR's token-level loss is DAC-KL, not GKD's generalized "
+                "JSD. Use dac_kl_direction='reverse' for a reverse KL.",
                 stacklevel=3,
             )
 

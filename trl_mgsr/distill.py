@@ -111,8 +111,6 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
     if train_file is not None:
         train = to_training_format(load_data_file(train_file, train_flag), train_file)
         evaluation = None
-        if script_args.eval_file is not None:
-            evaluation = to_training_format(load_data_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
         source = train_file
     elif name:
         try:
@@ -135,15 +133,16 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
         train = to_training_format(data[script_args.dataset_train_split], name)
         test = script_args.dataset_test_split
         evaluation = to_training_format(data[test], name) if test in data else None
-        if script_args.eval_file is not None:
-            evaluation = to_training_format(load_data_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
         source = name
     else:
         raise ValueError("no training data: give --dataset_name (a Hub dataset, a directory or a file) or --train_file")
+    if script_args.eval_file is not None:  # overrides a dataset's test split
+        evaluation = to_training_format(load_data_file(script_args.eval_file, "--eval_file"), script_args.eval_file)
     if want_eval and evaluation is None:
+        strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
         raise ValueError(
-            f"--eval_strategy {getattr(training_args.eval_strategy, 'value', training_args.eval_strategy)} needs evaluation data: give --eval_file or a dataset "
-            f"with a {script_args.dataset_test_split!r} split"
+            f"--eval_strategy {strategy} needs evaluation data: give --eval_file or a dataset with a "
+            f"{script_args.dataset_test_split!r} split"
         )
     return train, (evaluation if want_eval else None), source
 

@@ -452,7 +452,9 @@ def build_parser(prog: str = "trl-mgsr eval"):
     )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--max_prompt_length", type=int, default=256, help="Prompts keep their first N tokens (MiniLLM).")
+    parser.add_argument(
+        "--max_prompt_length", type=int, default=256, help="Prompts keep their first N tokens (MiniLLM)."
+    )
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate the first N rows of each set.")
     parser.add_argument("--output_dir", default="mgsr-eval", help="Where results.json/.md and generations go.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
