@@ -81,3 +81,6 @@ if __name__ == "__main__":
         torch.save(delta, out)
     else:  # every rank must end with the same weights
         torch.save(delta, out + ".rank1")
+    # Leave together: a rank exiting while the other still runs a collective aborts gloo ("terminate called ...").
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
