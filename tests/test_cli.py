@@ -126,6 +126,9 @@ ERRORS = {
     "distill unknown column": (lambda w, t: ["--dataset_name", str(t / "bad.jsonl")],
                                "has columns ['answer', 'question']"),
     "distill bad flag": (lambda w, t: ["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
+    # reported before TrainingArguments' own checks (bf16 fails there on a machine without bf16, e.g. this CPU)
+    "distill bad flag first": (lambda w, t: ["--bf16", "true", "--bogus_flag", "1"],
+                               "unrecognized arguments: --bogus_flag 1"),
     "distill bad value": (lambda w, t: ["--dac_lo", "2"], "MGSRConfig.dac_lo must be in [0, 1]"),
     "distill bad choice": (lambda w, t: ["--schedule", "nope"], "invalid choice"),
     "distill merge without peft": (lambda w, t: ["--merge_adapter"], "--merge_adapter needs --use_peft"),

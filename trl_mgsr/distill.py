@@ -19,6 +19,7 @@ reference), which is turned into `prompt`/`completion` with the Alpaca template 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
@@ -55,8 +56,22 @@ def make_parser(prog: str = "trl-mgsr distill") -> TrlParser:
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "trl-mgsr distill"):
-    """`(script_args, training_args, model_args)`; unknown flags raise a one-line `ValueError`."""
-    *parsed, remaining = make_parser(prog).parse_args_and_config(args=argv, return_remaining_strings=True)
+    """`(script_args, training_args, model_args)`; unknown flags raise a one-line `ValueError`.
+
+    Unknown command-line flags are reported before the configs are built, so that a typo is not hidden behind an
+    error of `TrainingArguments`' own checks (e.g. TRL's default `bf16=True` on a machine without bf16).
+    """
+    parser = make_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:  # the YAML's keys are checked by TrlParser itself
+        at = argv.index("--config")
+        flags = argv[:at] + argv[at + 2:]
+    else:
+        flags = argv
+    _, unknown = parser.parse_known_args(flags)
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    *parsed, remaining = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     if remaining:
         raise ValueError(f"unrecognized arguments: {' '.join(remaining)}")
     return tuple(parsed)
