@@ -6,13 +6,9 @@
 Every measurement runs in a fresh subprocess on the same seeded random logits `[1, tokens, vocab]` (student
 requires grad, teacher does not; a few positions labelled -100).
 
-Peak memory: torch's CPU allocator is plain malloc, which `tracemalloc` does not see. Each worker reads
-`resource.getrusage(RUSAGE_SELF).ru_maxrss` (the process's peak resident set) once the inputs are allocated and
-touched, and again after forward+backward; the difference is the extra peak memory the loss needs on top of its
-inputs, including the gradient w.r.t. the student logits (the same size for every method). Tensors this large are
-mmap-backed and go back to the OS when freed, so the high-water mark is the real peak of live tensors. A fresh
-process per measurement keeps one method's peak from hiding another's. Time: wall clock of forward+backward,
-the memory-measuring run itself, or the best of `--repeats` further runs.
+Peak memory: the rise of the process's max RSS over forward+backward (`benchmarks/_peak.py`), which includes the
+gradient w.r.t. the student logits (the same size for every method). Time: wall clock of forward+backward, the
+memory-measuring run itself, or the best of `--repeats` further runs.
 
 Methods: `gkd_beta0.5` (GKD's default generalized JSD), `gkd_beta0` (forward KL), `dac_exact` (chunked DAC-KL,
 learned band, full sort: `dac_top_k=None`), `dac_topk` (same with `dac_top_k=--top-k`). Ratios are ours / GKD with
@@ -25,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _peak import fmt, measure, time_and_peak, write_results
 
 RESULTS = Path(__file__).parent / "results" / "dac_kl.json"
 
@@ -66,16 +61,7 @@ def _worker(spec: dict) -> dict:
                                        chunk_size=spec["chunk_size"])
             (term.total / term.num_items).backward()
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(1 + spec["repeats"]):
-        student.grad = None
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-        if len(times) == 1:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_mib": (peak - before) / 1024, "time_s": min(times[1:] or times), "inputs_mib": before / 1024}
+    out = time_and_peak(run, spec["repeats"], reset=lambda: setattr(student, "grad", None))
     if method == "dac_topk":  # how good the approximation is on these logits (first 64 positions, fixed band)
         with torch.no_grad():
             kw = dict(labels=labels[:, :64], lo=0.0, hi=0.95, chunk_size=64)
@@ -84,14 +70,6 @@ def _worker(spec: dict) -> dict:
             top_mass = torch.softmax(teacher[0, :64], -1).topk(top_k, -1).values.sum(-1).mean()
         out.update(topk_rel_err=abs(approx - exact).item() / exact.item(), topk_mass=top_mass.item())
     return out
-
-
-def _measure(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -117,7 +95,7 @@ def main() -> None:
         for method in methods:
             spec = dict(method=method, vocab=vocab, tokens=tokens, top_k=args.top_k, chunk_size=args.chunk_size,
                         repeats=repeats, threads=args.threads)
-            res[method] = _measure(spec)
+            res[method] = measure(__file__, spec)
             print(f"  vocab={vocab} tokens={tokens} {method}: {res[method]}", file=sys.stderr, flush=True)
         for method in ("dac_exact", "dac_topk"):
             row = dict(vocab=vocab, tokens=tokens, method=method, **res[method])
@@ -134,21 +112,19 @@ def main() -> None:
         r_mem, r_time = row.get("mem_ratio_vs_gkd_beta0.5"), row.get("time_ratio_vs_gkd_beta0.5")
         row["meets_mem_target"] = None if row["vocab"] < 128_000 or r_mem is None else r_mem <= 1.0
         row["meets_time_target"] = None if r_time is None else r_time <= 1.5
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device="cpu", threads=args.threads, chunk_size=args.chunk_size, top_k=args.top_k, repeats=repeats,
                 quick=args.quick, dtype="float32", memory="ru_maxrss delta per fresh subprocess", targets=targets)
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_results(RESULTS, meta, rows)
 
     head = (f"{'vocab':>7} {'tokens':>6} {'method':>9} | {'peak MiB':>8} {'time s':>7} | {'GKD.5 MiB':>9} "
             f"{'GKD.5 s':>7} {'mem/.5':>6} {'time/.5':>7} | {'GKD0 MiB':>8} {'GKD0 s':>6} {'mem/0':>6} {'time/0':>6}")
     print(head + "\n" + "-" * len(head))
-    f = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
-        print(f"{r['vocab']:>7} {r['tokens']:>6} {r['method']:>9} | {f(r.get('peak_mib'), 0):>8} "
-              f"{f(r.get('time_s')):>7} | {f(r['gkd_beta0.5_peak_mib'], 0):>9} {f(r['gkd_beta0.5_time_s']):>7} "
-              f"{f(r.get('mem_ratio_vs_gkd_beta0.5')):>6} {f(r.get('time_ratio_vs_gkd_beta0.5')):>7} | "
-              f"{f(r['gkd_beta0_peak_mib'], 0):>8} {f(r['gkd_beta0_time_s']):>6} "
-              f"{f(r.get('mem_ratio_vs_gkd_beta0')):>6} {f(r.get('time_ratio_vs_gkd_beta0')):>6}")
+        print(f"{r['vocab']:>7} {r['tokens']:>6} {r['method']:>9} | {fmt(r.get('peak_mib'), 0):>8} "
+              f"{fmt(r.get('time_s')):>7} | {fmt(r['gkd_beta0.5_peak_mib'], 0):>9} {fmt(r['gkd_beta0.5_time_s']):>7} "
+              f"{fmt(r.get('mem_ratio_vs_gkd_beta0.5')):>6} {fmt(r.get('time_ratio_vs_gkd_beta0.5')):>7} | "
+              f"{fmt(r['gkd_beta0_peak_mib'], 0):>8} {fmt(r['gkd_beta0_time_s']):>6} "
+              f"{fmt(r.get('mem_ratio_vs_gkd_beta0')):>6} {fmt(r.get('time_ratio_vs_gkd_beta0')):>6}")
     print(f"targets: peak-memory ratio <= 1.0 at vocab 128k, time ratio <= 1.5 (vs GKD beta=0.5); "
           f"results in {RESULTS}")
 

@@ -85,8 +85,8 @@ class MGSRConfig(GKDConfig):
 
     > Memory
 
-    loss_chunk_size (`int`, defaults to `1024`): completion positions (DAC-KL, SCRG's differences) or span pairs
-        (span loss) processed at once; bounds the `[chunk, vocab]` float32 working tensors.
+    loss_chunk_size (`int`, defaults to `1024`): completion positions (SFT, DAC-KL, SCRG's differences) or span
+        pairs (span loss) processed at once; bounds the `[chunk, vocab]` float32 working tensors.
 
     > Data schedule
 
@@ -195,7 +195,7 @@ class MGSRConfig(GKDConfig):
     # Memory
     loss_chunk_size: int = field(
         default=1024,
-        metadata={"help": "Positions (DAC-KL, SCRG) or span pairs (span loss) per chunk; bounds [chunk, vocab] memory."},
+        metadata={"help": "Positions (SFT, DAC-KL, SCRG) or span pairs per loss chunk; bounds [chunk, vocab] memory."},
     )
 
     # Data schedule

@@ -41,7 +41,7 @@ from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
 from .generation import pure_sampling
-from .losses import IGNORE_INDEX, DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_span_loss, sft_loss
+from .losses import IGNORE_INDEX, DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_sft_loss, chunked_span_loss
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
 from .spans import get_span_extractor, span_counts, span_ids_from_tokens, span_pair_mask
@@ -408,9 +408,10 @@ class MGSRTrainer(GKDTrainer):
         if self.args.sft_weight > 0:
             if "sft_input_ids" in inputs:
                 sft_logits = self._forward(model, inputs["sft_input_ids"], inputs["sft_attention_mask"]).logits
-                terms["sft"] = sft_loss(sft_logits[..., :vocab], _shift_left(inputs["sft_labels"], IGNORE_INDEX))
+                sft_logits, sft_labels = sft_logits[..., :vocab], _shift_left(inputs["sft_labels"], IGNORE_INDEX)
             else:
-                terms["sft"] = sft_loss(student_logits, labels)
+                sft_logits, sft_labels = student_logits, labels
+            terms["sft"] = chunked_sft_loss(sft_logits, sft_labels, chunk_size=self.args.loss_chunk_size)
         if self.args.dac_weight > 0:
             terms["dac_kl"] = self.dac_kl_term(student_logits, teacher_logits, labels)
         if self.args.span_weight > 0:

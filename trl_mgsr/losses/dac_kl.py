@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .terms import IGNORE_INDEX, LossTerm
+from .terms import IGNORE_INDEX, LossTerm, chunk_rows, scale_saved_grad
 
 _INIT_EPS = 1e-4  # clamp of the inverse sigmoid used to initialise DACBandNet at band edges like lo=0
 
@@ -403,16 +403,6 @@ def dac_kl_loss(
     return LossTerm(loss.sum(), rows.new_tensor(n), _stats(lo_sum, hi_sum, kept_tokens.sum(), kept_mass.sum()))
 
 
-def _chunks(rows: torch.Tensor, chunk_size: int):
-    """Yield `(positions slice, rows)` per chunk; `rows` is a slice (a view, no copy) when the rows are consecutive."""
-    bounds = rows.tolist()
-    for start in range(0, len(bounds), chunk_size):
-        end = min(start + chunk_size, len(bounds))
-        first, last = bounds[start], bounds[end - 1]
-        r = slice(first, last + 1) if last - first == end - start - 1 else rows[start:end]
-        yield slice(start, end), r
-
-
 class _ChunkedDACKL(torch.autograd.Function):
     """Loss over row chunks; gradients are computed chunk by chunk in forward and stored (Liger-style)."""
 
@@ -428,7 +418,7 @@ class _ChunkedDACKL(torch.autograd.Function):
         ghi_all = torch.zeros_like(hi) if need_band else None
         total = torch.zeros((), device=student_flat.device)
         kept_tokens, kept_mass = total.clone(), total.clone()
-        for sl, r in _chunks(rows, chunk_size):
+        for sl, r in chunk_rows(rows, chunk_size):
             c_lo, c_hi = (band_lo, band_hi) if fixed_band is not None else (band_lo[sl], band_hi[sl])
             loss, kt, km, gz, glo, ghi = _chunk_with_grads(
                 student_flat[r], teacher_flat[r], c_lo, c_hi, opts, need_z, need_band)
@@ -454,9 +444,8 @@ class _ChunkedDACKL(torch.autograd.Function):
         need_z, need_band = ctx.has
         gz = saved.pop(0) if need_z else None
         glo, ghi = saved if need_band else (None, None)
-        if gz is not None and not torch.equal(grad_total, torch.ones_like(grad_total)):
-            # in place (no second logits-sized buffer); autograd's version check refuses a second backward
-            gz = gz.mul_(grad_total.item())
+        if gz is not None:
+            gz = scale_saved_grad(gz, grad_total)
         if glo is not None:
             glo, ghi = glo * grad_total, ghi * grad_total
         return gz, glo, ghi, None, None, None, None, None
@@ -496,7 +485,7 @@ def chunked_dac_kl_loss(
     if band_net is not None:
         with torch.no_grad():
             feats = torch.cat([
-                _features(t_flat[r], opts.temperature, opts.num_features) for _, r in _chunks(rows, chunk_size)
+                _features(t_flat[r], opts.temperature, opts.num_features) for _, r in chunk_rows(rows, chunk_size)
             ]) if n else t_flat.new_zeros(0, opts.num_features, dtype=torch.float32)
         band_lo, band_hi = band_net(feats)
         fixed = None

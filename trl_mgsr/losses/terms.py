@@ -1,4 +1,4 @@
-"""The `LossTerm` contract shared by every MGSR loss, and the SFT term.
+"""The `LossTerm` contract shared by every MGSR loss, the SFT term (reference and chunked) and chunking helpers.
 
 Convention for every term function: inputs are already shifted so that position `k` of `student_logits`
 `[B, T, V]` predicts `labels[:, k]` (`[B, T]`, -100 = not a completion token). The function returns *sums* over its
@@ -34,3 +34,70 @@ def sft_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> LossTerm:
     mask = labels != IGNORE_INDEX
     total = F.cross_entropy(student_logits[mask].float(), labels[mask], reduction="sum")  # 0 with no tokens
     return LossTerm(total=total, num_items=mask.sum(), stats={})
+
+
+def chunk_rows(rows: torch.Tensor, chunk_size: int):
+    """Yield `(positions slice, rows)` per chunk; `rows` is a slice (a view, no copy) when the rows are consecutive."""
+    bounds = rows.tolist()
+    for start in range(0, len(bounds), chunk_size):
+        end = min(start + chunk_size, len(bounds))
+        first, last = bounds[start], bounds[end - 1]
+        r = slice(first, last + 1) if last - first == end - start - 1 else rows[start:end]
+        yield slice(start, end), r
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """`grad * grad_output` for a gradient precomputed in forward, in place (no second logits-sized buffer).
+
+    In place means autograd's version check refuses a second backward through the same graph, as it should.
+    """
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grad
+    return grad.mul_(grad_output.item())
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy over row chunks; the gradient (softmax - one-hot) is computed in forward and stored."""
+
+    @staticmethod
+    def forward(ctx, logits_flat, targets, rows, chunk_size):
+        need_grad = ctx.needs_input_grad[0]
+        grad = None
+        if need_grad:  # rows without a label get a zero gradient
+            grad = (torch.empty_like if rows.numel() == logits_flat.shape[0] else torch.zeros_like)(logits_flat)
+        total = torch.zeros((), device=logits_flat.device)
+        for _, r in chunk_rows(rows, chunk_size):
+            work = torch.log_softmax(logits_flat[r], dim=-1, dtype=torch.float32)  # [chunk, V], a new tensor
+            target = targets[r].unsqueeze(-1)
+            total -= work.gather(-1, target).sum()
+            if need_grad:  # softmax - one-hot, in place
+                work.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=torch.float32))
+                if isinstance(r, slice):
+                    grad[r] = work
+                else:
+                    grad.index_copy_(0, r, work.to(grad.dtype))
+            del work  # before the next chunk's is allocated
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, grad_total), None, None, None
+
+
+def chunked_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> LossTerm:
+    """`sft_loss` (same sum, count and gradient) computed `chunk_size` completion positions at a time.
+
+    The working set is one float32 `[chunk, V]` tensor (two when a chunk's rows are not consecutive, since they are
+    gathered first) instead of `[tokens, V]` ones; the gradient w.r.t. the logits is computed during forward and
+    kept in the logits' dtype (one tensor of their size, as any loss needs).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunked_sft_loss: chunk_size must be >= 1, got {chunk_size}")
+    V = student_logits.shape[-1]
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    total = _ChunkedCrossEntropy.apply(student_logits.reshape(-1, V), flat_labels, rows, chunk_size)
+    return LossTerm(total=total, num_items=rows.new_tensor(rows.numel()), stats={})
