@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .terms import IGNORE_INDEX, LossTerm, chunk_rows, scale_saved_grad
+from .terms import LossTerm, chunk_rows, labelled_rows, row_grad_buffer, scale_saved_grad, write_rows
 
 _INIT_EPS = 1e-4  # clamp of the inverse sigmoid used to initialise DACBandNet at band edges like lo=0
 
@@ -353,8 +353,7 @@ def _band_grad(g_sorted, g_tail, coefs, edge):
 
 def _valid_rows(student_logits, teacher_logits, labels):
     V = student_logits.shape[-1]
-    rows = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
-    return student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), rows
+    return student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), labelled_rows(labels)
 
 
 def _fixed_sums(lo, hi, n, like):
@@ -411,9 +410,7 @@ class _ChunkedDACKL(torch.autograd.Function):
         need_z = ctx.needs_input_grad[0]
         need_band = fixed_band is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         band_lo, band_hi = fixed_band if fixed_band is not None else (lo, hi)
-        gz_all = None
-        if need_z:  # rows without a label get a zero gradient
-            gz_all = (torch.empty_like if rows.numel() == student_flat.shape[0] else torch.zeros_like)(student_flat)
+        gz_all = row_grad_buffer(student_flat, rows) if need_z else None
         glo_all = torch.zeros_like(lo) if need_band else None
         ghi_all = torch.zeros_like(hi) if need_band else None
         total = torch.zeros((), device=student_flat.device)
@@ -426,10 +423,7 @@ class _ChunkedDACKL(torch.autograd.Function):
             kept_tokens += kt
             kept_mass += km
             if need_z:
-                if isinstance(r, slice):
-                    gz_all[r] = gz
-                else:
-                    gz_all.index_copy_(0, r, gz.to(gz_all.dtype))
+                write_rows(gz_all, r, gz)
             if need_band:
                 glo_all[sl], ghi_all[sl] = glo, ghi
             del gz, glo, ghi

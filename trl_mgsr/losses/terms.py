@@ -46,6 +46,24 @@ def chunk_rows(rows: torch.Tensor, chunk_size: int):
         yield slice(start, end), r
 
 
+def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices `[n]` (ascending) of the positions of `labels` that are not `IGNORE_INDEX`."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
+
+
+def row_grad_buffer(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer like `flat` `[N, V]` whose rows outside `rows` are zero (they carry no label)."""
+    return (torch.empty_like if rows.numel() == flat.shape[0] else torch.zeros_like)(flat)
+
+
+def write_rows(buffer: torch.Tensor, r, values: torch.Tensor) -> None:
+    """`buffer[r] = values` for a `chunk_rows` chunk `r` (a slice, or an index tensor of rows)."""
+    if isinstance(r, slice):
+        buffer[r] = values
+    else:
+        buffer.index_copy_(0, r, values.to(buffer.dtype))
+
+
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """`grad * grad_output` for a gradient precomputed in forward, in place (no second logits-sized buffer).
 
@@ -62,9 +80,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_flat, targets, rows, chunk_size):
         need_grad = ctx.needs_input_grad[0]
-        grad = None
-        if need_grad:  # rows without a label get a zero gradient
-            grad = (torch.empty_like if rows.numel() == logits_flat.shape[0] else torch.zeros_like)(logits_flat)
+        grad = row_grad_buffer(logits_flat, rows) if need_grad else None
         total = torch.zeros((), device=logits_flat.device)
         for _, r in chunk_rows(rows, chunk_size):
             work = torch.log_softmax(logits_flat[r], dim=-1, dtype=torch.float32)  # [chunk, V], a new tensor
@@ -72,10 +88,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total -= work.gather(-1, target).sum()
             if need_grad:  # softmax - one-hot, in place
                 work.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=torch.float32))
-                if isinstance(r, slice):
-                    grad[r] = work
-                else:
-                    grad.index_copy_(0, r, work.to(grad.dtype))
+                write_rows(grad, r, work)
             del work  # before the next chunk's is allocated
         if need_grad:
             ctx.save_for_backward(grad)
@@ -96,8 +109,7 @@ def chunked_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, chunk_s
     """
     if chunk_size < 1:
         raise ValueError(f"chunked_sft_loss: chunk_size must be >= 1, got {chunk_size}")
-    V = student_logits.shape[-1]
-    flat_labels = labels.reshape(-1)
-    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
-    total = _ChunkedCrossEntropy.apply(student_logits.reshape(-1, V), flat_labels, rows, chunk_size)
+    rows = labelled_rows(labels)
+    total = _ChunkedCrossEntropy.apply(
+        student_logits.reshape(-1, student_logits.shape[-1]), labels.reshape(-1), rows, chunk_size)
     return LossTerm(total=total, num_items=rows.new_tensor(rows.numel()), stats={})
