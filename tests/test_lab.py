@@ -1,0 +1,93 @@
+"""The distillation lab: task checkers, and `benchmarks/lab/run.py --quick` end to end (pipeline, not winners)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_mgsr.lab.models import ModelSettings, eval_rows, held_out_prompts, train_rows
+from trl_mgsr.lab.tasks import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_generated_answers_pass_their_checker_and_corruptions_fail(name):
+    task = TASKS[name]
+    rng = random.Random(0)
+    for row in task.rows(200, 0):
+        assert task.check(row["prompt"], row["answer"]), row
+        assert task.check(row["prompt"], f"  {row['answer']} \n")  # whitespace does not matter
+        words = row["answer"].split()
+        i = rng.randrange(len(words))
+        wrong = words[:i] + [next(c for c in "abcdefghijklmnopqrstuvwxyz" if c != words[i] and c not in words)] \
+            + words[i + 1:]
+        if name != "pick":  # a pick answer may stay valid with another letter
+            assert not task.check(row["prompt"], " ".join(wrong)), (row, wrong)
+        assert not task.check(row["prompt"], " ".join(words[:-1]))  # one letter short
+        assert not task.check(row["prompt"], "")
+
+
+def test_pick_has_many_valid_answers_and_rejects_invalid_ones():
+    pick = TASKS["pick"]
+    assert pick.check("pick 2 between c and h", "d g") and pick.check("pick 2 between c and h", "e f")
+    for bad in ("g d", "c g", "d h", "d d", "d e f"):
+        assert not pick.check("pick 2 between c and h", bad), bad
+    answers = {}
+    for r in pick.rows(3000, 1, distinct=False):
+        answers.setdefault(r["prompt"], set()).add(r["answer"])
+    assert max(len(a) for a in answers.values()) >= 5  # training rows show the teacher several answers per prompt
+
+
+def test_walk_is_long_and_one_early_mistake_spoils_it():
+    walk = TASKS["walk"]
+    assert walk.check("walk from x by 3", "a d g j m p s v y b e h k n q t w z c f i l o r")
+    row = walk.rows(1, 0)[0]
+    assert len(row["answer"].split()) >= 24
+
+
+def test_held_out_prompts_never_reach_training():
+    settings = ModelSettings(eval_prompts=32)
+    held = held_out_prompts(settings)
+    assert held == {r["prompt"] for r in eval_rows(settings)["sort"]}  # pick and walk are evaluated in distribution
+    assert not held & {r["prompt"] for r in train_rows(settings, 500, "distill")}
+
+
+def test_cache_keys_follow_the_settings():
+    base = ModelSettings()
+    assert ModelSettings().key() == base.key()
+    other_student = ModelSettings(student_hidden=64)
+    assert other_student.teacher_key() == base.teacher_key() and other_student.key() != base.key()
+    assert ModelSettings(teacher_steps=10).teacher_key() != base.teacher_key()
+
+
+@pytest.mark.slow
+def test_quick_lab_run(tmp_path):
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lab" / "run.py"), "--quick", "--out", str(out),
+                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((out / "results.json").read_text())
+    sys.path.insert(0, str(REPO / "benchmarks" / "lab"))
+    from run import METHODS
+
+    assert set(payload["results"]) == {"teacher", "student init", *METHODS}
+    for name, result in payload["results"].items():
+        for task in [*TASKS, "mean"]:
+            cell = result["tasks"][task]
+            assert 0.0 <= cell["sampled"]["mean"] <= 1.0 and 0.0 <= cell["greedy"]["mean"] <= 1.0, name
+            assert cell["teacher_nll"]["mean"] > 0 and cell["distinct_valid"]["mean"] >= 0
+        if name not in ("teacher", "student init"):
+            assert len(result["seeds"]) == 2 and result["train_seconds"] > 0 and result["time_vs_gkd"] > 0
+    assert payload["results"]["GKD"]["time_vs_gkd"] == 1.0
+    assert "mgsr/scrg_corrected_frac" not in payload["results"]["MGSR w/o SCRG"]["logged_mean"]
+    assert "mgsr/span" not in payload["results"]["MGSR w/o span"]["logged_mean"]
+    table = (out / "results.md").read_text()
+    assert "| MGSR w/o SFT |" in table and "time / GKD" in table
+    pytest.importorskip("matplotlib")
+    assert (out / "lab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
