@@ -52,6 +52,9 @@ def grad_step(output_dir, per_device, ga, sft=1.0, dac=1.0, span=0.0, lmbda=0.0,
         dac_weight=dac,
         span_weight=span,
         lmbda=lmbda,
+        # fully on-policy there are no data labels for the band's own objective: the joint one still trains it, so
+        # that the band's gradient sync across ranks is exercised
+        dac_band_objective="joint" if lmbda >= 1 else "label",
         dac_learning_rate=1.0,
         gradient_checkpointing=False,
         seed=0,

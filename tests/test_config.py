@@ -25,7 +25,7 @@ BASE = dict(bf16=False, use_cpu=True, report_to="none")
         ("dac_min_width", 1.2),
         ("dac_sharpness", 0.0),
         ("dac_student_support", "some"),
-        ("dac_kl_direction", "both"),
+        ("dac_divergence", "both"),
         ("dac_temperature", -1.0),
         ("dac_features", 0),
         ("dac_hidden_size", 0),
@@ -128,7 +128,7 @@ def test_span_extractor_kwargs_json_string_is_parsed():
 
 
 def test_beta_other_than_gkds_default_warns_that_it_is_ignored():
-    with pytest.warns(UserWarning, match=r"beta=1.0 is ignored.*dac_kl_direction='reverse'"):
+    with pytest.warns(UserWarning, match=r"beta=1.0 is ignored.*dac_divergence=.jsd."):
         MGSRConfig("out", **BASE, beta=1.0)
 
 

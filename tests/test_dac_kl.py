@@ -91,8 +91,18 @@ def test_band_net_starts_at_the_configured_band(band):
     torch.manual_seed(0)
     net = DACBandNet(num_features=32, hidden_size=64, min_width=0.5, init_lo=band[0], init_hi=band[1])
     lo, hi = net(torch.softmax(torch.randn(5, 100) * 3, -1).topk(20).values)  # 20 < 32 features: zero-padded
-    torch.testing.assert_close(lo, torch.full((5,), band[0]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(hi, torch.full((5,), band[1]), atol=1e-4, rtol=0)
+    # within 2 % of the free slack (the inverse-sigmoid clamp that keeps both edges movable)
+    torch.testing.assert_close(lo, torch.full((5,), band[0]), atol=0.011, rtol=0)
+    torch.testing.assert_close(hi, torch.full((5,), band[1]), atol=0.011, rtol=0)
+
+
+def test_both_edges_of_a_band_started_at_zero_get_a_real_gradient():
+    """An edge initialised at sigmoid(b) = 1e-4 had a 1e-4-times-too-small gradient and never moved."""
+    net = DACBandNet(num_features=8, hidden_size=16, min_width=0.5, init_lo=0.0, init_hi=0.95)
+    lo, hi = net(torch.rand(4, 8))
+    (g_lo,) = torch.autograd.grad(lo.sum(), net.out.bias, retain_graph=True)
+    (g_hi,) = torch.autograd.grad(hi.sum(), net.out.bias)
+    assert g_lo.abs().max() > 1e-3 and g_hi.abs().max() > 1e-3
 
 
 def test_band_net_rejects_bad_bands_and_builds_from_config():
@@ -140,13 +150,13 @@ def test_band_support_zero_when_student_equals_teacher(band, direction):
     student = teacher.clone().requires_grad_()
     kw = dict(band_net=perturbed_net()) if band == "learned" else dict(lo=band[0], hi=band[1])
     for fn in (dac_kl_loss, chunked_dac_kl_loss):
-        term = fn(student, teacher, labels, student_support="band", direction=direction, **kw)
+        term = fn(student, teacher, labels, student_support="band", divergence=direction, **kw)
         assert abs(term.total.item()) < 1e-5
         (g,) = grads(term, student)
         assert g.abs().max() < 1e-6
     # and it is not zero for a different student
     other = make_batch(seed=1)[0]
-    assert dac_kl_loss(other, teacher, labels, student_support="band", direction=direction, **kw).total > 0.1
+    assert dac_kl_loss(other, teacher, labels, student_support="band", divergence=direction, **kw).total > 0.1
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -166,7 +176,7 @@ def test_full_support_zero_exactly_at_clipped_teacher(band, direction):
     student[valid] = p_clip.log().float()
     for fn in (dac_kl_loss, chunked_dac_kl_loss):
         s = student.clone().requires_grad_()
-        term = fn(s, teacher, labels, direction=direction, **kw)
+        term = fn(s, teacher, labels, divergence=direction, **kw)
         assert abs(term.total.item()) < 1e-5
         (g,) = grads(term, s)
         assert g.abs().max() < 1e-6
@@ -176,7 +186,7 @@ def test_full_support_zero_exactly_at_clipped_teacher(band, direction):
         torch.testing.assert_close(term.stats["kept_tokens"].double(), m.sum(), atol=1e-3, rtol=1e-5)
         # a slightly different student gets a positive loss and a non-zero gradient
         s2 = (student + 0.3 * torch.randn_like(student)).requires_grad_()
-        term2 = fn(s2, teacher, labels, direction=direction, **kw)
+        term2 = fn(s2, teacher, labels, divergence=direction, **kw)
         assert term2.total > 1e-3 and grads(term2, s2)[0].abs().max() > 1e-4
 
 
@@ -187,7 +197,7 @@ def test_gradients_reach_band_net_and_student_not_teacher():
         for direction in DIRECTIONS:
             for fn in (dac_kl_loss, chunked_dac_kl_loss):
                 net = DACBandNet(num_features=8, hidden_size=16, init_lo=0.1, init_hi=0.8)
-                term = fn(student, teacher, labels, band_net=net, student_support=support, direction=direction)
+                term = fn(student, teacher, labels, band_net=net, student_support=support, divergence=direction)
                 g_student, g_teacher, *g_net = grads(term, student, teacher, *net.parameters())
                 assert g_teacher is None
                 assert torch.isfinite(g_student).all() and g_student.abs().sum() > 0
@@ -218,7 +228,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError):
         dac_kl_loss(student, teacher, labels, student_support="kept")
     with pytest.raises(ValueError):
-        dac_kl_loss(student, teacher, labels, direction="both")
+        dac_kl_loss(student, teacher, labels, divergence="both")
     with pytest.raises(ValueError):
         dac_kl_loss(student, teacher, labels, lo=0.5, hi=0.8, min_width=0.5)
     with pytest.raises(ValueError):
@@ -265,7 +275,7 @@ def test_reference_matches_the_definition(support, direction):
     for g in range(len(lo)):
         for fn in (dac_kl_loss, chunked_dac_kl_loss):
             term = fn(student, teacher, labels, band_net=FixedBands(lo[g], hi[g]), student_support=support,
-                      direction=direction)
+                      divergence=direction)
             torch.testing.assert_close(term.total.double(), expected[:, g].sum(), atol=1e-4, rtol=1e-5)
 
 
@@ -290,7 +300,7 @@ def test_anti_collapse_band_net_alone_cannot_switch_distillation_off(support, di
     opt = torch.optim.Adam(net.parameters(), lr=5e-2)
     losses, masses = [], []
     for _ in range(200):
-        term = dac_kl_loss(student, teacher, labels, band_net=net, student_support=support, direction=direction,
+        term = dac_kl_loss(student, teacher, labels, band_net=net, student_support=support, divergence=direction,
                            sharpness=s)
         opt.zero_grad()
         term.total.backward()
@@ -320,12 +330,13 @@ def test_anti_collapse_band_net_alone_cannot_switch_distillation_off(support, di
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("support,direction,top_k", [
     ("full", "forward", None), ("full", "reverse", None), ("band", "forward", None), ("band", "reverse", None),
-    ("full", "forward", 12), ("full", "reverse", 12), ("band", "forward", 12)])
+    ("full", "forward", 12), ("full", "reverse", 12), ("band", "forward", 12),
+    ("full", "jsd", None), ("full", "skew_forward", None), ("full", "skew_reverse", 12)])
 def test_chunked_matches_reference(dtype, support, direction, top_k):
     student, teacher, labels = make_batch(dtype=dtype)
     n = int((labels != -100).sum())
     net = perturbed_net()
-    kw = dict(band_net=net, student_support=support, direction=direction, top_k=top_k, temperature=1.5)
+    kw = dict(band_net=net, student_support=support, divergence=direction, top_k=top_k, temperature=1.5)
     ref = dac_kl_loss(student, teacher, labels, **kw)
     g_ref = grads(ref, student, *net.parameters())
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -344,7 +355,7 @@ def test_chunked_matches_reference(dtype, support, direction, top_k):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_chunked_matches_reference_fixed_band_and_scaled_output(direction):
     student, teacher, labels = make_batch()
-    kw = dict(lo=0.1, hi=0.8, direction=direction)
+    kw = dict(lo=0.1, hi=0.8, divergence=direction)
     ref = dac_kl_loss(student, teacher, labels, **kw)
     out = chunked_dac_kl_loss(student, teacher, labels, chunk_size=4, **kw)
     torch.testing.assert_close(out.total, ref.total)
@@ -400,7 +411,7 @@ def test_finite_on_extreme_inputs(case, dtype, fn):
                 net = DACBandNet(num_features=8, hidden_size=16) if band == "learned" else None
                 kw = dict(band_net=net) if net else dict(lo=band[0], hi=band[1])
                 s = s0.to(dtype).requires_grad_()
-                term = fn(s, t.to(dtype), labels, student_support=support, direction=direction, top_k=None, **kw)
+                term = fn(s, t.to(dtype), labels, student_support=support, divergence=direction, top_k=None, **kw)
                 params = list(net.parameters()) if net else []
                 g = grads(term, s, *params)
                 assert torch.isfinite(term.total) and term.total >= -1e-4, (support, direction, band)
@@ -415,7 +426,7 @@ def test_all_positions_masked(fn, support, direction):
     student, teacher, _ = make_batch()
     labels = torch.full(student.shape[:2], -100)
     net = DACBandNet(num_features=8, hidden_size=16)
-    term = fn(student, teacher, labels, band_net=net, student_support=support, direction=direction)
+    term = fn(student, teacher, labels, band_net=net, student_support=support, divergence=direction)
     assert term.total.item() == 0.0 and term.num_items.item() == 0
     term.total.backward()  # a valid (all-zero) gradient path
     assert student.grad is not None and (student.grad == 0).all()
@@ -446,7 +457,7 @@ def test_minus_inf_vocab_entries_are_dropped_tokens(fn, support, direction, band
     small_s = student.detach()[..., ~masked].requires_grad_()
     net = perturbed_net() if band == "learned" else None
     kw = dict(band_net=net) if net else dict(lo=band[0], hi=band[1])
-    common = dict(student_support=support, direction=direction, **kw)
+    common = dict(student_support=support, divergence=direction, **kw)
     full = fn(full_s, full_t, labels, **common)
     small = fn(small_s, teacher[..., ~masked], labels, **common)
     params = list(net.parameters()) if net else []
@@ -458,3 +469,108 @@ def test_minus_inf_vocab_entries_are_dropped_tokens(fn, support, direction, band
     for a, b in zip(band_full, band_small):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- divergences other than the KLs
+
+
+def _kl64(a, b):
+    return (a * (a.log() - b.log())).sum(-1)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward", "skew_reverse"])
+def test_divergences_match_their_definitions(divergence):
+    """Against float64 formulas on the clipped teacher of `clipped_teacher` (beta 0.3, skew 0.2)."""
+    student, teacher, labels = make_batch()
+    valid = labels != -100
+    lo, hi, s = 0.1, 0.8, 50.0
+    pt, _ = clipped_teacher(teacher[valid], torch.full((int(valid.sum()),), lo, dtype=torch.float64),
+                            torch.full((int(valid.sum()),), hi, dtype=torch.float64), s)
+    q = torch.softmax(student[valid].double(), -1)
+    if divergence == "jsd":
+        m = 0.3 * pt + 0.7 * q
+        expected = 0.3 * _kl64(pt, m) + 0.7 * _kl64(q, m)
+    elif divergence == "skew_forward":
+        expected = _kl64(pt, 0.2 * pt + 0.8 * q)
+    else:
+        expected = _kl64(q, 0.2 * q + 0.8 * pt)
+    for fn in (dac_kl_loss, chunked_dac_kl_loss):
+        term = fn(student, teacher, labels, lo=lo, hi=hi, sharpness=s, divergence=divergence, beta=0.3, skew=0.2)
+        torch.testing.assert_close(term.total.double(), expected.sum(), atol=1e-4, rtol=1e-4)
+
+
+def test_band_zero_one_jsd_is_gkds_generalized_jsd():
+    from trl_mgsr._trl import GKDTrainer
+
+    student, teacher, labels = make_batch()
+    for beta in (0.0, 0.3, 0.5, 1.0):
+        ours = chunked_dac_kl_loss(student, teacher, labels, lo=0.0, hi=1.0, divergence="jsd", beta=beta)
+        gkd = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, reduction="sum")
+        torch.testing.assert_close(ours.total, gkd, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward", "skew_reverse"])
+def test_divergences_vanish_at_the_teacher_and_not_elsewhere(divergence):
+    student, teacher, labels = make_batch()
+    same = teacher.clone().requires_grad_()
+    for fn in (dac_kl_loss, chunked_dac_kl_loss):
+        assert abs(fn(same, teacher, labels, lo=0.0, hi=1.0, divergence=divergence).total.item()) < 1e-4
+        assert fn(student, teacher, labels, lo=0.0, hi=1.0, divergence=divergence).total.item() > 0.1
+    with pytest.raises(ValueError, match="student_support='band'"):
+        dac_kl_loss(student, teacher, labels, student_support="band", divergence=divergence)
+
+
+# --------------------------------------------------------------------------- the band's own objective
+
+
+def _train_with_band(teacher, labels, mode, steps=300):
+    """Train free student logits `[N, V]` and a band net together: `mode` "fixed" (band [0, 0.95]) or "label"
+    (reverse DAC-KL with the band detached, the band on `band_label_loss`). Returns (KL(teacher || student) against
+    the UNCLIPPED teacher, mean lo, mean hi)."""
+    from trl_mgsr.losses import band_features, band_label_loss
+    from trl_mgsr.losses.terms import labelled_rows
+
+    torch.manual_seed(0)
+    n, v = teacher.shape
+    z = torch.zeros(n, v, requires_grad=True)
+    net = DACBandNet(8, 16, 0.5, 0.0, 0.95)
+    opt, band_opt = torch.optim.Adam([z], lr=0.1), torch.optim.Adam(net.parameters(), lr=1e-2)
+    rows = labelled_rows(labels)
+    for _ in range(steps):
+        lo, hi = net(band_features(teacher, rows, 1.0, 8))
+        if mode == "fixed":
+            loss = chunked_dac_kl_loss(z, teacher, labels, lo=0.0, hi=0.95, divergence="reverse").total
+        else:
+            loss = chunked_dac_kl_loss(z, teacher, labels, band=(lo.detach(), hi.detach()), divergence="reverse").total
+            loss = loss + band_label_loss(lo, hi, teacher, rows, labels).total
+        opt.zero_grad()
+        band_opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+        band_opt.step()
+    p, q = teacher.log_softmax(-1), z.detach().log_softmax(-1)
+    lo, hi = net(band_features(teacher, rows, 1.0, 8))
+    return (p.exp() * (p - q)).sum(-1).mean().item(), lo.mean().item(), hi.mean().item()
+
+
+def test_band_trained_with_the_student_keeps_it_no_further_from_the_teacher_than_the_fixed_band():
+    """Student and band trained together on data drawn from the teacher: the band's own objective never sees
+    the student, so it cannot pull the target toward it (the joint objective did: issue 14)."""
+    torch.manual_seed(0)
+    teacher = torch.randn(96, 24) * 2.5
+    labels = torch.distributions.Categorical(logits=teacher).sample()
+    kl_fixed, _, _ = _train_with_band(teacher, labels, "fixed")
+    kl_label, _, hi = _train_with_band(teacher, labels, "label")
+    assert kl_label <= kl_fixed
+    assert hi > 0.96  # the data's labels reach into the tail: the band widens to keep them
+
+
+def test_both_band_edges_move_when_the_data_calls_for_it():
+    """Labels are the teacher's second token behind a confident wrong head: lo rises past the head, hi falls."""
+    torch.manual_seed(0)
+    teacher = torch.randn(96, 24)
+    top = teacher.argsort(-1, descending=True)
+    teacher.scatter_(1, top[:, :1], 4.0)
+    teacher.scatter_(1, top[:, 1:2], 3.6)
+    _, lo, hi = _train_with_band(teacher, top[:, 1], "label")
+    assert lo > 0.2 and hi < 0.94  # started at (0.0, 0.95) up to the init clamp

@@ -73,7 +73,7 @@ def test_span_term_is_logged_and_off_when_weight_zero(tokenizer, tmp_path):
     trainer = make(tokenizer, tmp_path, max_steps=2)
     trainer.train()
     logged = {k for e in trainer.state.log_history for k in e}
-    assert {"mgsr/span", "mgsr/spans_per_seq", "mgsr/span_pairs"} <= logged
+    assert {"mgsr/span", "mgsr/spans_per_seq", "mgsr/span_items"} <= logged
     off = make(tokenizer, tmp_path / "off", span_weight=0.0)
     assert off.span_extractor is None and "span_ids" not in first_batch(off)
 

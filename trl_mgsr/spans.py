@@ -38,6 +38,7 @@ __all__ = [
     "span_ids_from_tokens",
     "spans_for_token_ids",
     "span_counts",
+    "span_groups",
     "span_pair_mask",
 ]
 
@@ -568,6 +569,22 @@ def span_pair_mask(span_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     valid = (span_ids != -1) & (labels != -100)
     mask[..., :-1] = valid[..., :-1] & valid[..., 1:] & (span_ids[..., :-1] == span_ids[..., 1:])
     return mask
+
+
+def span_groups(span_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens of every span holding at least one pair (two adjacent labelled tokens of one span).
+
+    Returns `(rows [n], group [n], num_groups)`: flat indices (into `[B * T]`, ascending) of those tokens, the
+    index `0 .. num_groups - 1` of the span each belongs to, and the number of such spans (a long scalar tensor).
+    """
+    pairs = span_pair_mask(span_ids, labels)
+    in_pair = pairs.clone()
+    in_pair[..., 1:] |= pairs[..., :-1]
+    starts = in_pair.clone()
+    starts[..., 1:] &= ~pairs[..., :-1]  # a span's first paired token: not paired with its predecessor
+    rows = in_pair.reshape(-1).nonzero().squeeze(-1)
+    group = starts.reshape(-1).long().cumsum(0)[rows] - 1
+    return rows, group, starts.sum()
 
 
 def span_counts(span_ids: torch.Tensor) -> torch.Tensor:

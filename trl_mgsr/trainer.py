@@ -41,14 +41,16 @@ from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
 from .data import left_pad
 from .generation import pure_sampling
-from .losses import IGNORE_INDEX, DACBandNet, LossTerm, chunked_dac_kl_loss, chunked_sft_loss, chunked_span_loss
+from .losses import (IGNORE_INDEX, DACBandNet, LossTerm, band_features, band_label_loss, chunked_dac_kl_loss,
+                     chunked_sft_loss, chunked_span_loss, span_loglik_loss)
+from .losses.terms import labelled_rows
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
-from .spans import get_span_extractor, span_counts, span_ids_from_tokens, span_pair_mask
+from .spans import get_span_extractor, span_counts, span_groups, span_ids_from_tokens, span_pair_mask
 
-TERMS = ("sft", "dac_kl", "span")
+TERMS = ("sft", "dac_kl", "span", "band")  # "band": the band sub-network's own objective (dac_band_objective="label")
 REPLAY_KEYS = ("input_ids", "attention_mask", "labels", "span_ids")
-WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}
+WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}  # "band" trains only the band
 STATE_FILE = "mgsr_state.pt"
 
 
@@ -266,6 +268,7 @@ class MGSRTrainer(GKDTrainer):
         device = inputs["input_ids"].device
         inputs["mgsr_on_policy"] = torch.tensor(float(source == STUDENT), device=device)
         inputs["mgsr_replay"] = torch.tensor(float(source == REPLAY), device=device)
+        inputs["mgsr_labels_are_data"] = source == "dataset"  # the band's objective needs ground-truth labels
         inputs["mgsr_prepared"] = True
         return inputs
 
@@ -367,9 +370,21 @@ class MGSRTrainer(GKDTrainer):
         return [
             ("sft", (sft_labels != -100).sum()),
             ("dac_kl", (labels != -100).sum()),
-            ("span", span_pair_mask(batch["span_ids"][:, 1:], labels).sum() if "span_ids" in batch
+            ("span", self._span_items(batch["span_ids"][:, 1:], labels) if "span_ids" in batch
              else torch.zeros((), dtype=torch.long, device=labels.device)),
+            ("band", (labels != -100).sum() * self._trains_band(batch)),
         ]
+
+    def _trains_band(self, batch) -> bool:
+        """Whether this batch trains the band sub-network with its own objective: its labels are the data's."""
+        return (self.dac_band_net is not None and self.args.dac_band_objective == "label"
+                and batch.get("mgsr_labels_are_data", True))
+
+    def _span_items(self, span_ids, labels):
+        """The span term's items: spans with a pair ("loglik") or the pairs themselves ("product")."""
+        if self.args.span_objective == "loglik":
+            return span_groups(span_ids, labels)[2]
+        return span_pair_mask(span_ids, labels).sum()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs.get("mgsr_prepared"):  # called outside the training loop: this batch is the whole window
@@ -413,35 +428,59 @@ class MGSRTrainer(GKDTrainer):
                 sft_logits, sft_labels = student_logits, labels
             terms["sft"] = chunked_sft_loss(sft_logits, sft_labels, chunk_size=self.args.loss_chunk_size)
         if self.args.dac_weight > 0:
-            terms["dac_kl"] = self.dac_kl_term(student_logits, teacher_logits, labels)
+            terms.update(self.dac_kl_terms(student_logits, teacher_logits, labels, self._trains_band(inputs)))
         if self.args.span_weight > 0:
             if "span_ids" not in inputs:  # a user collator without spans
                 inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
             span_ids = _shift_left(inputs["span_ids"], -1)
-            terms["span"] = chunked_span_loss(
-                student_logits, teacher_logits, labels, span_ids, distance=self.args.span_distance,
-                chunk_size=self.args.loss_chunk_size,
-            )
+            if self.args.span_objective == "loglik":
+                terms["span"] = span_loglik_loss(student_logits, teacher_logits, labels, span_ids,
+                                                 chunk_size=self.args.loss_chunk_size)
+            else:
+                terms["span"] = chunked_span_loss(
+                    student_logits, teacher_logits, labels, span_ids, distance=self.args.span_distance,
+                    chunk_size=self.args.loss_chunk_size,
+                )
 
         global_counts = isinstance(num_items_in_batch, dict)
         loss = student_logits.new_zeros(())
         for name, term in terms.items():
             count = num_items_in_batch[name] if global_counts else term.num_items
-            loss = loss + getattr(self.args, WEIGHT_FIELDS[name]) * term.total / count.clamp(min=1)
+            weight = getattr(self.args, WEIGHT_FIELDS[name]) if name in WEIGHT_FIELDS else 1.0
+            loss = loss + weight * term.total / count.clamp(min=1)
         if global_counts:
             loss = loss * self.accelerator.num_processes
         self._log_terms(terms, inputs)
         return (loss, student_outputs) if return_outputs else loss
 
-    def dac_kl_term(self, student_logits, teacher_logits, labels) -> LossTerm:
-        """The token-level term: chunked DAC-KL with the learned band (or the fixed band `(dac_lo, dac_hi)`)."""
+    def dac_kl_terms(self, student_logits, teacher_logits, labels, train_band: bool) -> dict[str, LossTerm]:
+        """The token-level term: chunked DAC-KL with the learned band (or the fixed band `(dac_lo, dac_hi)`).
+
+        With `dac_band_objective="label"` the divergence sees the band detached (it trains the student only) and,
+        when `train_band` (the labels are the data's), a "band" term trains the sub-network on `band_label_loss`.
+        With "joint" (the paper's) the sub-network is trained by the divergence itself.
+        """
         a = self.args
-        return chunked_dac_kl_loss(
-            student_logits, teacher_logits, labels, band_net=self.dac_band_net, lo=a.dac_lo, hi=a.dac_hi,
-            min_width=a.dac_min_width, sharpness=a.dac_sharpness, student_support=a.dac_student_support,
-            direction=a.dac_kl_direction, temperature=a.dac_temperature, num_features=a.dac_features,
-            top_k=a.dac_top_k, chunk_size=a.loss_chunk_size,
+        kwargs = dict(
+            lo=a.dac_lo, hi=a.dac_hi, min_width=a.dac_min_width, sharpness=a.dac_sharpness,
+            student_support=a.dac_student_support, divergence=a.dac_divergence, temperature=a.dac_temperature,
+            num_features=a.dac_features, top_k=a.dac_top_k, beta=a.dac_beta, skew=a.dac_skew,
+            chunk_size=a.loss_chunk_size,
         )
+        if self.dac_band_net is None or a.dac_band_objective == "joint":
+            return {"dac_kl": chunked_dac_kl_loss(student_logits, teacher_logits, labels, band_net=self.dac_band_net,
+                                                  **kwargs)}
+        teacher_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+        rows = labelled_rows(labels)
+        lo, hi = self.dac_band_net(band_features(teacher_flat, rows, a.dac_temperature, a.dac_features,
+                                                 a.loss_chunk_size))
+        terms = {"dac_kl": chunked_dac_kl_loss(student_logits, teacher_logits, labels, band=(lo.detach(), hi.detach()),
+                                               **kwargs)}
+        if train_band:
+            terms["band"] = band_label_loss(lo, hi, teacher_flat, rows, labels.reshape(-1), sharpness=a.dac_sharpness,
+                                            width_cost=a.dac_band_width_cost, temperature=a.dac_temperature,
+                                            chunk_size=a.loss_chunk_size)
+        return terms
 
     # ------------------------------------------------------------------ the band sub-network's optimisation
 
@@ -508,7 +547,7 @@ class MGSRTrainer(GKDTrainer):
                    if f"mgsr_{flag}" in inputs]
         if "span" in terms:
             ratios.append(("mgsr/spans_per_seq", span_counts(inputs["span_ids"]).sum(), inputs["span_ids"].shape[0]))
-            ratios.append(("mgsr/span_pairs", terms["span"].num_items, one))
+            ratios.append(("mgsr/span_items", terms["span"].num_items, one))
         values = torch.stack([torch.stack([torch.as_tensor(n, device=one.device).float(),
                                            torch.as_tensor(d, device=one.device).float()]) for _, n, d in ratios])
         if self.accelerator.num_processes > 1:  # not gather_for_metrics: it drops ranks at the end of an epoch

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=HERE / "cache", help="Where trained models are cached.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Training seeds (default 0 1 2).")
     parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of: {', '.join(METHODS)}.")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=TRAINER:JSON",
+                        help='An extra method for this run, e.g. \'MGSR rev=mgsr:{"dac_divergence": "reverse"}\'.')
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--learning_rate", type=float, default=None)
     parser.add_argument("--lmbda", type=float, default=None)
@@ -196,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="Sampled responses per held-out prompt.")
     parser.add_argument("--workers", type=int, default=2, help="Jobs run in parallel, one torch thread each.")
     args = parser.parse_args(argv)
-    names = args.methods or list(METHODS)
+    for variant in args.variant:
+        name, _, spec = variant.partition("=")
+        trainer, _, config = spec.partition(":")
+        METHODS[name] = Method(trainer, json.loads(config or "{}"))
+    names = (args.methods or list(METHODS)) + [v.partition("=")[0] for v in args.variant if args.methods]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")

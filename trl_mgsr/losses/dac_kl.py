@@ -10,8 +10,10 @@ where an edge at `lo <= 0` or `hi >= 1` given as a number is hard (its factor is
 `[0, 1]` keeps exactly every token. The clipped teacher is `p~ = m * p / sum(m * p)`.
 
 Student support:
-  * `"full"` (default): `KL(p~ || q)` (`direction="forward"`) or `KL(q || p~)` (`"reverse"`), with
-    `q = softmax(student / T)`. Everything is computed in log space with the analytic log-mask
+  * `"full"` (default): a divergence between `p~` and `q = softmax(student / T)`: `KL(p~ || q)`
+    (`divergence="forward"`), `KL(q || p~)` (`"reverse"`), GKD's generalised JSD (`"jsd"`, `beta`) or DistiLLM's
+    skew KL / skew reverse KL (`"skew_forward"`, `"skew_reverse"`, `skew`); see `_divergence`. The band selects
+    the target, the divergence is a separate choice. Everything is computed in log space with the analytic log-mask
     (`log m = logsigmoid(.) + logsigmoid(.)`), which is finite for every token because the soft mask is never 0.
     So the reverse KL is finite: student mass outside the band pays about `s * distance-to-band` nats per unit of
     mass (bounded by `s`), i.e. reverse DAC-KL pushes the student's mass into the band rather than being infinite.
@@ -42,7 +44,10 @@ import torch.nn.functional as F
 
 from .terms import LossTerm, chunk_rows, labelled_rows, row_grad_buffer, scale_saved_grad, write_rows
 
-_INIT_EPS = 1e-4  # clamp of the inverse sigmoid used to initialise DACBandNet at band edges like lo=0
+# Clamp of the inverse sigmoid that initialises DACBandNet at band edges like lo=0. Not smaller: an edge started at
+# sigmoid(b) = 1e-4 gets a gradient 1e-4 times too small and never moves (measured); at 0.02 the start band differs
+# from the asked one by at most 2 % of the free width, and the soft mask of an edge that close to 0 is ~1 anyway.
+_INIT_EPS = 0.02
 
 
 class DACBandNet(nn.Module):
@@ -52,8 +57,8 @@ class DACBandNet(nn.Module):
     descending order (shorter inputs are zero-padded). One hidden layer (GELU). Output parametrisation:
     `width = min_width + (1 - min_width) * sigmoid(a)`, `lo = (1 - width) * sigmoid(b)`,
     `hi = 1 - (1 - width) * sigmoid(-b)`, so always `0 <= lo < hi <= 1` and `hi - lo = width >= min_width`.
-    The last layer starts at zero weights, so the initial band is `(init_lo, init_hi)` (up to `1e-4` of
-    inverse-sigmoid clamping at the edges) whatever the input. Computes in float32 whatever the input dtype.
+    The last layer starts at zero weights, so the initial band is `(init_lo, init_hi)` (up to 2 % of the free
+    slack, the inverse-sigmoid clamp that keeps an edge at 0 or 1 movable) whatever the input. Computes in float32 whatever the input dtype.
     """
 
     def __init__(
@@ -109,14 +114,19 @@ def _logit(x: float) -> float:
 class _Opts:
     sharpness: float
     support: str
-    direction: str
+    divergence: str
     temperature: float
     num_features: int
     top_k: int | None
+    beta: float = 0.5
+    skew: float = 0.1
+
+
+DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse")
 
 
 def _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, sharpness, student_support,
-           direction, temperature, num_features, top_k) -> _Opts:
+           divergence, temperature, num_features, top_k, beta=0.5, skew=0.1) -> _Opts:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"dac_kl_loss: student {tuple(student_logits.shape)} and teacher "
                          f"{tuple(teacher_logits.shape)} logits differ in shape")
@@ -125,8 +135,13 @@ def _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, 
                          f"{tuple(student_logits.shape)}")
     if student_support not in ("full", "band"):
         raise ValueError(f"dac_kl_loss: student_support must be 'full' or 'band', got {student_support!r}")
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"dac_kl_loss: direction must be 'forward' or 'reverse', got {direction!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"dac_kl_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if student_support == "band" and divergence not in ("forward", "reverse"):
+        raise ValueError(f"dac_kl_loss: student_support='band' takes divergence 'forward' or 'reverse', got "
+                         f"{divergence!r}")
+    if not (0 <= beta <= 1 and 0 <= skew < 1):
+        raise ValueError(f"dac_kl_loss: beta must be in [0, 1] and skew in [0, 1), got {beta}, {skew}")
     if sharpness <= 0 or temperature <= 0:
         raise ValueError("dac_kl_loss: sharpness and temperature must be > 0")
     if band_net is None and not (0 <= lo < hi <= 1 and hi - lo >= min_width - 1e-9):
@@ -135,7 +150,8 @@ def _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, 
         raise ValueError(f"dac_kl_loss: top_k must be None or >= 1, got {top_k}")
     if band_net is not None:
         num_features = band_net.num_features
-    return _Opts(float(sharpness), student_support, direction, float(temperature), num_features, top_k)
+    return _Opts(float(sharpness), student_support, divergence, float(temperature), num_features, top_k, float(beta),
+                 float(skew))
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -148,6 +164,40 @@ def _features(teacher_logits: torch.Tensor, temperature: float, num_features: in
     lp = _log_softmax32(teacher_logits, temperature)
     top = lp.topk(min(num_features, lp.shape[-1]), dim=-1).values.exp()
     return F.pad(top, (0, num_features - top.shape[-1]))
+
+
+def band_features(teacher_flat: torch.Tensor, rows: torch.Tensor, temperature: float, num_features: int,
+                  chunk_size: int = 1024) -> torch.Tensor:
+    """`_features` `[n, F]` of the teacher rows `teacher_flat[rows]`, `chunk_size` rows at a time (no grad)."""
+    with torch.no_grad():
+        if rows.numel() == 0:
+            return teacher_flat.new_zeros(0, num_features, dtype=torch.float32)
+        return torch.cat([_features(teacher_flat[r], temperature, num_features) for _, r in chunk_rows(rows, chunk_size)])
+
+
+def band_label_loss(lo: torch.Tensor, hi: torch.Tensor, teacher_flat: torch.Tensor, rows: torch.Tensor,
+                    targets_flat: torch.Tensor, *, sharpness: float = 50.0, width_cost: float = 0.1,
+                    temperature: float = 1.0, chunk_size: int = 1024) -> LossTerm:
+    """The band sub-network's own objective (`dac_band_objective="label"`): keep the ground-truth token, narrowly.
+
+    For each position (rows of `teacher_flat` `[N, V]`, ground-truth token `targets_flat[rows]`, band `lo`, `hi`
+    `[n]`), the token's interval `[c_prev, c]` of the teacher's sorted cumulative mass gives its soft keep mask
+    `m = sigmoid(s (c - lo)) sigmoid(s (hi - c_prev))`; the loss is `-log m + width_cost (hi - lo)`, summed.
+    It involves the teacher and the data only, never the student, so the band cannot move the target toward the
+    student; `lo` rises where the truth tends to lie below the teacher's head, `hi` falls where it never lies in the
+    tail. `stats["coverage"]` sums `m`.
+    """
+    c_prev = torch.empty(rows.numel(), device=teacher_flat.device)
+    c = torch.empty_like(c_prev)
+    with torch.no_grad():
+        for sl, r in chunk_rows(rows, chunk_size):
+            p = _log_softmax32(teacher_flat[r], temperature).exp_()
+            p_y = p.gather(1, targets_flat[r].unsqueeze(-1))
+            c_prev[sl] = (p * (p > p_y)).sum(-1)
+            c[sl] = c_prev[sl] + p_y.squeeze(-1)
+    log_m = F.logsigmoid(sharpness * (c - lo)) + F.logsigmoid(sharpness * (hi - c_prev))
+    total = (width_cost * (hi - lo) - log_m).sum()
+    return LossTerm(total, rows.new_tensor(rows.numel()), {"coverage": log_m.detach().exp().sum()})
 
 
 def _edges(lp: torch.Tensor, lo, hi, opts: _Opts):
@@ -221,10 +271,9 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: _Opts):
         kept_mass = (lm + lp).logsumexp(-1).exp()
     if opts.support == "full":
         lpt = lp if lm is None else (lm + lp).log_softmax(-1)
-        a, b = (lpt, lq) if opts.direction == "forward" else (lq, lpt)
-        loss = (a.exp() * (a - b).masked_fill(torch.isneginf(a), 0.0)).sum(-1)  # 0 log 0 = 0
+        loss = _divergence(lpt, lq, opts)
     else:
-        a, b = (lp, lq) if opts.direction == "forward" else (lq, lp)
+        a, b = (lp, lq) if opts.divergence == "forward" else (lq, lp)
         kept = a if lm is None else lm + a
         loss = (kept.exp() * (a - b).masked_fill(torch.isneginf(a), 0.0)).sum(-1)
         if l1m is not None:  # the lumped outcome holding the clipped mass
@@ -233,12 +282,45 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: _Opts):
     return loss, kept_tokens, kept_mass
 
 
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`KL(a || b)` per row from log-probabilities, with 0 log 0 = 0."""
+    return (a.exp() * (a - b).masked_fill(torch.isneginf(a), 0.0)).sum(-1)
+
+
+def _mix(la: torch.Tensor, lb: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b) from log-probabilities."""
+    return torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
+
+
+def _divergence(lpt: torch.Tensor, lq: torch.Tensor, opts: _Opts) -> torch.Tensor:
+    """Per-row divergence between the clipped teacher `p~` and the student `q` (log-probabilities `[n, V]`).
+
+    forward `KL(p~||q)`; reverse `KL(q||p~)`; jsd: GKD's generalised JSD, `beta KL(p~||m) + (1-beta) KL(q||m)`
+    with `m = beta p~ + (1-beta) q` (forward KL at beta 0, reverse at 1); skew_forward (DistiLLM's SKL):
+    `KL(p~ || skew p~ + (1-skew) q)`; skew_reverse (SRKL): `KL(q || skew q + (1-skew) p~)`.
+    """
+    kind = opts.divergence
+    if kind == "jsd" and opts.beta in (0.0, 1.0):
+        kind = "forward" if opts.beta == 0.0 else "reverse"
+    if kind == "forward":
+        return _kl(lpt, lq)
+    if kind == "reverse":
+        return _kl(lq, lpt)
+    if kind == "jsd":
+        m = _mix(lpt, lq, opts.beta)
+        return opts.beta * _kl(lpt, m) + (1 - opts.beta) * _kl(lq, m)
+    if kind == "skew_forward":
+        return _kl(lpt, lq if opts.skew == 0 else _mix(lpt, lq, opts.skew))
+    return _kl(lq, lpt if opts.skew == 0 else _mix(lq, lpt, opts.skew))
+
+
 def _chunk_with_grads(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: bool):
     """Loss sum, stats and gradients (w.r.t. `z` rows in float32, and per-row `lo`, `hi`) of one chunk.
 
-    `"full"` support has closed-form gradients (no autograd graph kept); `"band"` uses a local autograd pass.
+    `"full"` support with the forward or reverse KL has closed-form gradients (no autograd graph kept); the other
+    divergences and `"band"` support use a local autograd pass.
     """
-    if opts.support == "full":
+    if opts.support == "full" and opts.divergence in ("forward", "reverse"):
         return _chunk_full_closed_form(z, t, lo, hi, opts, need_z, need_band)
     with torch.enable_grad():
         zz = z.detach().float().requires_grad_(need_z)
@@ -307,11 +389,11 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
         del xa, xb, tail
     lq = _log_softmax32(z, opts.temperature)
     d = log_pt - lq  # D = log p~ - log q
-    d.masked_fill_(torch.isneginf(log_pt if opts.direction == "forward" else lq), 0.0)  # 0 log 0 = 0
+    d.masked_fill_(torch.isneginf(log_pt if opts.divergence == "forward" else lq), 0.0)  # 0 log 0 = 0
     q, pt = lq.exp_(), log_pt.exp_()
     del lq, log_pt
     inv_t = 1.0 / opts.temperature
-    if opts.direction == "forward":
+    if opts.divergence == "forward":
         loss = _rowdot(pt, d)
         g_a = d.sub_(loss[:, None]).mul_(pt) if idx is not None else None  # P (D - L)
         gz = q.sub_(pt) if need_z else None
@@ -376,10 +458,12 @@ def dac_kl_loss(
     min_width: float = 0.5,
     sharpness: float = 50.0,
     student_support: str = "full",
-    direction: str = "forward",
+    divergence: str = "forward",
     temperature: float = 1.0,
     num_features: int = 32,
     top_k: int | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> LossTerm:
     """Reference DAC-KL (plain autograd, whole batch at once).
 
@@ -391,7 +475,7 @@ def dac_kl_loss(
     soft kept token count and kept teacher mass over the valid positions.
     """
     opts = _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, sharpness, student_support,
-                  direction, temperature, num_features, top_k)
+                  divergence, temperature, num_features, top_k, beta, skew)
     s_flat, t_flat, rows = _valid_rows(student_logits, teacher_logits, labels)
     z, t = s_flat[rows], t_flat[rows].detach()
     n = rows.numel()
@@ -456,32 +540,34 @@ def chunked_dac_kl_loss(
     min_width: float = 0.5,
     sharpness: float = 50.0,
     student_support: str = "full",
-    direction: str = "forward",
+    divergence: str = "forward",
     temperature: float = 1.0,
     num_features: int = 32,
     top_k: int | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
     chunk_size: int = 1024,
+    band: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossTerm:
     """Memory-bounded DAC-KL: same arguments and result as `dac_kl_loss` (loss and gradients), plus `chunk_size`.
 
     Only valid positions are processed, `chunk_size` at a time, so float32 working tensors are `[chunk, V]`
     (a few of them) instead of `[B * T, V]`. The gradient w.r.t. the student logits is computed during the forward
     pass and kept in the logits' dtype (one tensor of their size, as any loss needs); the band sub-network gets
-    its gradient through per-position gradients w.r.t. `(lo, hi)`.
+    its gradient through per-position gradients w.r.t. `(lo, hi)`. `band=(lo, hi)` (`[n]` each, one per valid
+    position in order) gives the band directly instead of `band_net` (e.g. detached, so that this loss trains the
+    student only; see `band_label_loss`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunked_dac_kl_loss: chunk_size must be >= 1, got {chunk_size}")
     opts = _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, sharpness, student_support,
-                  direction, temperature, num_features, top_k)
+                  divergence, temperature, num_features, top_k, beta, skew)
     s_flat, t_flat, rows = _valid_rows(student_logits, teacher_logits, labels)
     t_flat = t_flat.detach()
     n = rows.numel()
-    if band_net is not None:
-        with torch.no_grad():
-            feats = torch.cat([
-                _features(t_flat[r], opts.temperature, opts.num_features) for _, r in chunk_rows(rows, chunk_size)
-            ]) if n else t_flat.new_zeros(0, opts.num_features, dtype=torch.float32)
-        band_lo, band_hi = band_net(feats)
+    if band is not None or band_net is not None:
+        band_lo, band_hi = band if band is not None else band_net(band_features(t_flat, rows, opts.temperature,
+                                                                                 opts.num_features, chunk_size))
         fixed = None
         lo_sum, hi_sum = band_lo.sum(), band_hi.sum()
     else:

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import torch
 
-from ..spans import span_pair_mask
-from .terms import LossTerm
+from ..spans import span_groups, span_pair_mask
+from .terms import LossTerm, chunked_token_logprobs
 
 SPAN_DISTANCES = ("kl", "l2", "l1")
+SPAN_OBJECTIVES = ("loglik", "product")
 
 
 def _check(student_logits, teacher_logits, labels, span_ids, distance, temperature) -> None:
@@ -207,3 +208,38 @@ def chunked_span_loss(
         student_logits, teacher_logits.detach(), b, k, distance, float(temperature), chunk_size
     )
     return LossTerm(total=total, num_items=num_items, stats={})
+
+
+def span_loglik_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    span_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> LossTerm:
+    """Span log-likelihood consistency (the default span term): `total = sum over spans of (a_S - a_T)^2 / 2`,
+    `num_items` = number of spans with at least one pair of adjacent labelled tokens.
+
+    `a_S`, `a_T`: the student's and the teacher's mean log-probability per token of the span's tokens as they stand
+    in the sequence (teacher-forced, temperature `temperature`). The tokens of a span share one error signal,
+    `(a_S - a_T) / len`, so the term sees a phrase the student finds more (or less) likely than the teacher does as
+    a whole, which the per-token term cannot; it is exactly 0, with zero gradient, when the student's token
+    probabilities equal the teacher's. On the student's own samples `(log q - log p)^2 / 2` is the "k2" estimator
+    of the span-level reverse KL, whose gradient is that KL's: a mode-seeking signal at the phrase level.
+    Inputs as in `span_loss`; the student's log-probabilities are computed `chunk_size` positions at a time.
+    """
+    _check(student_logits, teacher_logits, labels, span_ids, "kl", temperature)
+    rows, group, num_groups = span_groups(span_ids, labels)
+    if rows.numel() == 0:
+        return LossTerm(total=_zero(student_logits), num_items=num_groups, stats={})
+    s = student_logits / temperature if temperature != 1.0 else student_logits
+    t = teacher_logits.detach() / temperature if temperature != 1.0 else teacher_logits.detach()
+    lp_s = chunked_token_logprobs(s, labels, rows, chunk_size)
+    with torch.no_grad():
+        lp_t = chunked_token_logprobs(t, labels, rows, chunk_size)
+    size = torch.zeros(int(num_groups), device=rows.device).index_add_(0, group, torch.ones_like(lp_t))
+    gap = torch.zeros_like(size).index_add(0, group, lp_s - lp_t) / size
+    return LossTerm(total=0.5 * gap.square().sum(), num_items=num_groups,
+                    stats={"gap": gap.detach().abs().sum()})

@@ -113,3 +113,43 @@ def chunked_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, chunk_s
     total = _ChunkedCrossEntropy.apply(
         student_logits.reshape(-1, student_logits.shape[-1]), labels.reshape(-1), rows, chunk_size)
     return LossTerm(total=total, num_items=rows.new_tensor(rows.numel()), stats={})
+
+
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """`log softmax(logits)[target]` of rows `[n]`; the gradient (one-hot - softmax) is computed in forward."""
+
+    @staticmethod
+    def forward(ctx, logits_flat, targets, rows, chunk_size):
+        need_grad = ctx.needs_input_grad[0]
+        grad = row_grad_buffer(logits_flat, rows) if need_grad else None
+        out = torch.empty(rows.numel(), device=logits_flat.device)
+        for sl, r in chunk_rows(rows, chunk_size):
+            work = torch.log_softmax(logits_flat[r], dim=-1, dtype=torch.float32)
+            target = targets[r].unsqueeze(-1)
+            out[sl] = work.gather(-1, target).squeeze(-1)
+            if need_grad:  # one-hot - softmax, in place
+                work.exp_().neg_().scatter_add_(-1, target, torch.ones_like(target, dtype=torch.float32))
+                write_rows(grad, r, work)
+            del work
+        if need_grad:
+            ctx.save_for_backward(grad, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, rows = ctx.saved_tensors
+        scale = torch.zeros(grad.shape[0], dtype=grad.dtype, device=grad.device)
+        scale[rows] = grad_out.to(grad.dtype)
+        return grad.mul_(scale[:, None]), None, None, None
+
+
+def chunked_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probability `[n]` (float32, differentiable) of `targets` under `logits` at the flat positions `rows`.
+
+    `logits`: `[B, T, V]`, `targets`: `[B, T]` (read at `rows` only). Works `chunk_size` rows at a time: the working
+    set is one float32 `[chunk, V]` tensor, and the gradient w.r.t. the logits (computed in forward, in their dtype)
+    is the one tensor of their size.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _ChunkedTokenLogProbs.apply(flat, targets.reshape(-1), rows, chunk_size)
