@@ -44,6 +44,10 @@ def workdir(tmp_path_factory, tokenizer):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     write_jsonl(root / "train.jsonl", ROWS * 2)
+    with torch.no_grad():
+        teacher.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    teacher.save_pretrained(root / "nan-teacher")
+    tokenizer.save_pretrained(root / "nan-teacher")
     return root
 
 
@@ -88,6 +92,9 @@ def test_model_card_names_mgsr_teacher_dataset_settings_and_citation(full_run, w
     assert "| `schedule` | `'gkd'` |" in card and "`lmbda=0.5`" in card
     assert "@inproceedings{liu2026mgsr" in card and "arXiv 2407.10068" in card
     assert "datasets:" not in card  # a local file is not presented as a Hub dataset
+    assert "licence:" not in card  # TRL's placeholder
+    procedure = card.split("## Training procedure\n\n", 1)[1]
+    assert procedure.startswith(f"Distilled from the teacher `{workdir / 'teacher'}` with `MGSRTrainer`")
     assert card.count("## MGSR distillation") == 1
 
 
@@ -153,6 +160,14 @@ ERRORS = {
                             "is not a torch device"),
     "eval absent device": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--device", "xpu"],
                            "no xpu device is available"),
+    "distill empty file": (lambda w, t: ["--dataset_name", write_jsonl(t / "empty.jsonl", [])],
+                           "empty.jsonl: the file has no rows"),
+    "distill reversed band": (lambda w, t: ["--dac_lo", "0.9", "--dac_hi", "0.1"], "band edges are reversed"),
+    "distill bad threads": (lambda w, t: ["--threads", "0"], "--threads must be an integer >= 1"),
+    "distill nan teacher": (lambda w, t: ["--teacher_model_name_or_path", str(w / "nan-teacher")],
+                            "the teacher's logits are non-finite (NaN/inf) at global step 0"),
+    "eval bad threads": (lambda w, t: ["eval", "--model", "m", "--data", "d.jsonl", "--threads", "0"],
+                         "--threads must be an integer >= 1"),
     "demo bad flag": (lambda w, t: ["demo", "--bogus"], "unrecognized arguments: --bogus"),
     "demo bad threads": (lambda w, t: ["demo", "--threads", "-1"], "--threads must be >= 1"),
 }
@@ -171,7 +186,10 @@ def test_cli_error_is_one_line(case, workdir, tmp_path, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("trl-mgsr") and ": error: " in lines[0] and expected in lines[0], lines[0]
-    assert not (tmp_path / "out").exists()
+    if case == "distill nan teacher":  # stopped in training: the Trainer made the directory, nothing was saved
+        assert not list((tmp_path / "out").glob("**/*.safetensors"))
+    else:
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch/transformers/trl: ~10 s
@@ -226,3 +244,93 @@ def test_distill_loads_a_saved_dataset_directory(saved, tmp_path):
     script_args = MGSRScriptArguments(dataset_name=str(tmp_path / "saved"))
     train, evaluation, source = load_datasets(script_args, MGSRConfig("out", use_cpu=True, report_to="none"))
     assert len(train) == len(rows) and {"prompt", "completion"} <= set(train.column_names) and evaluation is None
+
+
+@pytest.mark.parametrize("command", ["distill student", "distill teacher", "eval"])
+def test_mistyped_relative_model_path_is_no_such_model_directory(command, workdir, monkeypatch, capsys):
+    """`mgsr-demo/teachr` next to `mgsr-demo/`: a local path, not a Hub id (offline or not)."""
+    monkeypatch.chdir(workdir.parent)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    typo = f"{workdir.name}/teachr"
+    if command == "eval":
+        argv, flag = ["eval", "--model", typo, "--data", str(workdir / "train.jsonl")], "--model"
+    else:
+        flag = "--model_name_or_path" if command.endswith("student") else "--teacher_model_name_or_path"
+        argv = distill_args(workdir, workdir / "typo-out", flag, typo)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"trl-mgsr {command.split()[0]}: error: {flag} {typo}: no such model directory (check the path; Hub ids "
+        "look like org/name)"
+    ]
+
+
+@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
+def test_distill_uses_one_thread_for_tiny_models_on_cpu_unless_told(threads, expected, workdir):
+    torch.set_num_threads(2)
+    extra = [] if threads is None else ["--threads", str(threads)]
+    assert main(distill_args(workdir, workdir / f"threads-{threads}", "--max_steps", "1", *extra)) == 0
+    assert torch.get_num_threads() == expected
+
+
+@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
+def test_eval_uses_one_thread_for_tiny_models_on_cpu_unless_told(threads, expected, workdir, tmp_path):
+    torch.set_num_threads(2)
+    extra = [] if threads is None else ["--threads", str(threads)]
+    argv = ["eval", "--model", str(workdir / "student"), "--data", str(workdir / "train.jsonl"), "--seeds", "1",
+            "--max_new_tokens", "2", "--no_progress", "--output_dir", str(tmp_path), *extra]
+    assert main(argv) == 0
+    assert torch.get_num_threads() == expected
+
+
+def test_distill_help_lists_mgsr_flags_first_and_is_truthful_about_the_teacher(capsys):
+    assert main(["distill", "--help"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("MGSR options"))
+    rest = next(i for i, line in enumerate(lines) if line.startswith("TRL and Transformers options"))
+    assert first < 10 < rest  # the short usage, then MGSR's options
+    mgsr = " ".join(" ".join(lines[first:rest]).split())
+    for flag in ("--teacher_model_name_or_path", "--sft_weight", "--dac_weight", "--span_weight", "--scrg_rounds",
+                 "--threads", "--train_file"):
+        assert flag in mgsr, flag
+    assert "--learning_rate" not in mgsr and "--learning_rate" in "\n".join(lines[rest:])
+    assert "same as the model" not in text and "The teacher: a local model directory or a Hub id (required)." in mgsr
+    assert "(default: 1.0)" in mgsr  # defaults stated
+
+    assert main(["distill", "--help-mgsr"]) == 0
+    short = capsys.readouterr().out
+    assert "--dac_weight" in short and "--learning_rate" not in short and len(short.splitlines()) < 200
+
+
+def test_eval_help_states_defaults(capsys):
+    assert main(["eval", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("--batch_size BATCH_SIZE Prompts per generate call; samples depend on it, so compare models "
+                    "with the same value. (default: 8)", "(default: 256)", "(default: [10, 20, 30])",
+                    "(default: mgsr-eval)"):
+        assert default in text, default
+
+
+@pytest.mark.slow  # fresh interpreters: ~30 s
+def test_default_runs_show_no_deprecation_warning_and_no_progress_flags_hide_every_bar(workdir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(trl_mgsr.__file__).parents[1]), "HF_HUB_OFFLINE": "1",
+           "PYTHONWARNINGS": "default"}
+    env.pop("TRL_EXPERIMENTAL_SILENCE", None)
+    argv = distill_args(workdir, tmp_path / "out")
+    for flag in ("--gradient_checkpointing", "--disable_tqdm"):  # back to TRL's defaults
+        at = argv.index(flag)
+        argv = argv[:at] + argv[at + 2:]
+    runs = {
+        "distill": argv,
+        "distill quiet": [*argv, "--disable_tqdm", "true"],
+        "eval quiet": ["eval", "--model", str(tmp_path / "out"), "--data", str(workdir / "train.jsonl"), "--seeds",
+                       "1", "--max_new_tokens", "2", "--no_progress", "--output_dir", str(tmp_path / "eval")],
+    }
+    for name, args in runs.items():
+        proc = subprocess.run([sys.executable, "-m", "trl_mgsr", *args], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        output = proc.stdout + proc.stderr
+        assert "deprecated" not in output and "FutureWarning" not in output, (name, output[-3000:])
+        if "quiet" in name:
+            assert "it/s]" not in output and "Loading weights" not in output, (name, output[-3000:])

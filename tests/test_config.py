@@ -1,3 +1,4 @@
+import warnings
 from dataclasses import fields
 
 import pytest
@@ -137,3 +138,20 @@ def test_replay_buffer_smaller_than_a_batch_is_rejected():
         MGSRConfig("out", **BASE, schedule="adaptive", replay_capacity=4, per_device_train_batch_size=8)
     MGSRConfig("out", **BASE, schedule="adaptive", replay_capacity=4, per_device_train_batch_size=8,
                replay_ratio_start=0.0)  # no replay wanted: fine
+
+
+def test_reversed_band_edges_are_reported_as_reversed():
+    with pytest.raises(ValueError, match=r"band edges are reversed \(dac_lo=0.9 > dac_hi=0.1\).*swap"):
+        MGSRConfig("out", **BASE, dac_lo=0.9, dac_hi=0.1)
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+def test_config_raises_no_gradient_checkpointing_deprecation(checkpointing):
+    """TRL's default `gradient_checkpointing=True` made every config warn; the value still takes effect."""
+    kwargs = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = MGSRConfig("out", **BASE, **kwargs)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    expected = True if checkpointing is None else checkpointing  # TRL's default is True
+    assert args.activation_checkpointing is expected and args.gradient_checkpointing is expected

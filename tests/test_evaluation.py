@@ -152,3 +152,23 @@ def test_sampling_ignores_settings_saved_with_the_model(tokenizer):
     tuned.generation_config.update(repetition_penalty=5.0, suppress_tokens=list(range(20, len(tokenizer))))
     prompts = ["What is the capital of France?", "Name a river."]
     assert _generate_inputs(tuned, tokenizer, prompts)[1] == _generate_inputs(clean, tokenizer, prompts)[1]
+
+
+def test_truncated_prompts_get_our_warning_with_the_count_not_transformers_message(tokenizer):
+    import warnings
+
+    model = build_llama(tokenizer, hidden_size=16, num_layers=1)
+    tokenizer.model_max_length, before = 8, tokenizer.model_max_length  # transformers' "indexing errors" threshold
+    tokenizer.deprecation_warnings.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _generate_inputs(model, tokenizer, ["Write a long story about the capital of France. " * 4, "Hi."],
+                             max_prompt_length=6)
+    finally:
+        tokenizer.model_max_length = before
+    assert [str(w.message) for w in caught] == [
+        "1 of 2 prompts are longer than max_prompt_length=6 tokens and keep their first 6 (cut on the right, as in "
+        "MiniLLM)"
+    ]
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in tokenizer.deprecation_warnings  # not shown

@@ -51,3 +51,30 @@ def test_evaluate_student_runs_trl_mgsr_eval_on_the_sets_it_finds(models, tmp_pa
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(results["sets"]) == ["dolly"] and results["seeds"] == [10, 20, 30]  # trl-mgsr eval's defaults
     assert results["settings"]["batch_size"] == 8
+
+
+def test_mgsr_example_trains_on_the_shipped_rows_by_default(models, tmp_path):
+    out = tmp_path / "full"
+    proc = run("mgsr.py", "--model_name_or_path", models / "student", "--teacher_model_name_or_path",
+               models / "teacher", "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "4",
+               "--max_length", "64", "--bf16", "false", "--report_to", "none", "--save_strategy", "no",
+               "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training on the shipped rows" in proc.stdout and "dolly_mini.jsonl" in proc.stdout
+    assert (out / "model.safetensors").is_file()
+
+
+def test_lora_example_rejects_a_mistyped_local_model_path(models, tmp_path):
+    proc = run("mgsr_lora.py", "--student", f"{models}/studnet", "--teacher", models / "teacher")
+    assert proc.returncode != 0
+    assert f"--student {models}/studnet: no such model directory" in proc.stderr
+    assert "huggingface.co" not in proc.stderr
+
+
+def test_evaluate_student_falls_back_to_the_shipped_rows(models, tmp_path):
+    proc = run("evaluate_student.py", "--model", models / "student", "--data_dir", tmp_path / "nothing-here",
+               "--max_samples", "2", "--seeds", "1", "--max_new_tokens", "2", "--no_progress", "--output_dir",
+               tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "evaluating on the rows shipped in the package" in proc.stdout
+    assert list(json.loads((tmp_path / "eval" / "results.json").read_text())["sets"]) == ["dolly_mini"]

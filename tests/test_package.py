@@ -29,3 +29,11 @@ def test_model_card_metadata_names_mgsr():
     assert MGSRTrainer._paper["id"] == "2407.10068"
     assert "Multi-Granularity Semantic Revision" in MGSRTrainer._paper["citation"]
     assert trl_mgsr.__version__
+
+
+def test_matplotlib_is_a_core_dependency_so_the_quickstart_demo_writes_its_png():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("matplotlib") for dep in project["dependencies"])

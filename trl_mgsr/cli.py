@@ -4,7 +4,8 @@
     trl-mgsr eval ...      ROUGE-L evaluation, MiniLLM/DistiLLM protocol
     trl-mgsr demo ...      offline end-to-end demo: MGSR vs GKD on built-in data
 
-User errors (a missing file, an unknown column, a bad flag, an invalid setting) print one line,
+User errors (a missing file, an unknown column, a bad flag, an invalid setting, a model whose values turn NaN/inf)
+print one line,
 `trl-mgsr <command>: error: ...`, to stderr and exit with status 2; set `TRL_MGSR_TRACEBACK=1` to see the traceback.
 """
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command](argv[1:])
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, already printed)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
-    except (ValueError, OSError, ImportError, KeyError) as err:
+    except (ValueError, OSError, ImportError, KeyError, FloatingPointError) as err:
         if os.environ.get("TRL_MGSR_TRACEBACK"):
             raise
         print(f"trl-mgsr {command}: error: {_one_line(err)}", file=sys.stderr)

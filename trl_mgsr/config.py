@@ -278,6 +278,12 @@ class MGSRConfig(GKDConfig):
                     f"\"en_core_web_md\"}}', got {self.span_extractor_kwargs!r} ({err})."
                 ) from None
         self._validate_mgsr()  # before TrainingArguments' checks (e.g. bf16 on a CPU), so MGSR mistakes show first
+        # TRL sets the deprecated `gradient_checkpointing*` names by default; passing their values on under the new
+        # names (when those are unset) is what TrainingArguments does, minus the FutureWarning on every config.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         super().__post_init__()
         if self.beta != GKD_DEFAULT_BETA:
             warnings.warn(
@@ -339,6 +345,11 @@ class MGSRConfig(GKDConfig):
         for name in ("dac_lo", "dac_hi", "init_threshold", "replay_ratio_start", "replay_ratio_end"):
             if not self._is_number(name) or not 0 <= getattr(self, name) <= 1:
                 fail(name, "must be in [0, 1]")
+        if self.dac_lo > self.dac_hi:
+            raise ValueError(
+                f"MGSRConfig.dac_lo/dac_hi: the band edges are reversed (dac_lo={self.dac_lo} > dac_hi={self.dac_hi}); "
+                "dac_lo is the lower edge: swap the two values."
+            )
         if self.dac_hi - self.dac_lo < self.dac_min_width:
             raise ValueError(
                 f"MGSRConfig.dac_lo/dac_hi: the band [{self.dac_lo}, {self.dac_hi}] is narrower than "

@@ -93,7 +93,7 @@ def _render_conversation(prompt_msgs, completion_msgs, tokenizer, row, column) -
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Ids of a plain-text prompt with the tokenizer's leading special tokens (e.g. BOS), as `tokenizer(text)` adds
     them, but never twice: a text that already starts with them (e.g. a rendered chat template) is kept as it is."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length is the caller's business
     prefix = _special_prefix(tokenizer)
     return ids if ids[: len(prefix)] == prefix else prefix + ids
 
@@ -145,21 +145,60 @@ class MGSRDataCollator:
                 "The tokenizer has no pad token; set one (e.g. `tokenizer.pad_token = tokenizer.eos_token`)."
             )
 
+    def encode(self, example: dict[str, Any], row: int = 0) -> tuple[list[int], list[int]]:
+        """`(prompt_ids, completion_ids)` of one row, before truncation."""
+        prompt_text, completion_text = split_prompt_completion(example, self.tokenizer, row=row)
+        if isinstance(example.get("prompt"), str):  # standard format: BOS as TRL's SFT adds it
+            prompt_ids = encode_prompt(self.tokenizer, prompt_text)
+        else:  # a rendered conversation
+            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False, verbose=False)["input_ids"]
+        # verbose=False: no "longer than the specified maximum sequence length" message; `truncation_report` is ours
+        return prompt_ids, self.tokenizer(completion_text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def truncate(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Fit `max_length`: the completion loses its end; a prompt over `max_length - 1` keeps its last tokens."""
+        if self.max_length is None:
+            return prompt_ids, completion_ids
+        prompt_ids = prompt_ids[-(self.max_length - 1) :] if self.max_length > 1 else prompt_ids[-1:]
+        return prompt_ids, completion_ids[: max(self.max_length - len(prompt_ids), 1)]
+
+    def truncation_report(self, rows, name: str = "dataset", limit: int = 1000) -> str | None:
+        """A one-line warning counting the rows among the first `limit` that `max_length` truncates, or None."""
+        if self.max_length is None:
+            return None
+        checked = cut_prompts = cut_completions = 0
+        for i, example in enumerate(rows):
+            if i >= limit:
+                break
+            checked += 1
+            try:
+                prompt_ids, completion_ids = self.encode(example, row=i)
+            except ValueError:  # a malformed row is the collator's error to raise, with its position
+                continue
+            if len(prompt_ids) > self.max_length - 1:
+                cut_prompts += 1
+            elif len(prompt_ids) + len(completion_ids) > self.max_length:
+                cut_completions += 1
+        if not cut_prompts + cut_completions:
+            return None
+        parts = []
+        if cut_prompts:
+            parts.append(f"{cut_prompts} prompt(s) are longer than max_length - 1 and keep only their last "
+                         f"{self.max_length - 1} tokens (cut on the left) with a 1-token completion")
+        if cut_completions:
+            parts.append(f"{cut_completions} completion(s) lose their end (cut on the right)")
+        scope = f"the first {checked}" if checked == limit else f"{checked}"
+        return (f"{name}: {cut_prompts + cut_completions} of {scope} rows are longer than max_length="
+                f"{self.max_length} tokens: {'; '.join(parts)}. Raise max_length or shorten those rows.")
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts, sequences, prompt_lens = [], [], []
         for i, example in enumerate(examples):
             try:
-                prompt_text, completion_text = split_prompt_completion(example, self.tokenizer, row=i)
+                prompt_ids, completion_ids = self.encode(example, row=i)
             except ValueError as err:  # only a dataset's first row is checked at trainer construction
                 raise ValueError(f"A batch has a malformed row (rows counted within the batch): {err}") from None
-            if isinstance(example.get("prompt"), str):  # standard format: BOS as TRL's SFT adds it
-                prompt_ids = encode_prompt(self.tokenizer, prompt_text)
-            else:  # a rendered conversation
-                prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            completion_ids = self.tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-            if self.max_length is not None:
-                prompt_ids = prompt_ids[-(self.max_length - 1) :] if self.max_length > 1 else prompt_ids[-1:]
-                completion_ids = completion_ids[: max(self.max_length - len(prompt_ids), 1)]
+            prompt_ids, completion_ids = self.truncate(prompt_ids, completion_ids)
             prompts.append(prompt_ids)
             sequences.append(prompt_ids + completion_ids)
             prompt_lens.append(len(prompt_ids))

@@ -9,7 +9,10 @@ the PEFT flags of `ModelConfig` (`--use_peft --lora_r 16 --lora_alpha 32 ...`) a
 - `--train_file` / `--eval_file`: local `.json`/`.jsonl`/`.parquet` files (instead of `--dataset_name`);
   `--dataset_name path/to/train.jsonl` is the same as `--train_file path/to/train.jsonl`;
 - `--merge_adapter`: with `--use_peft`, also save the adapter merged into its base as a full model in
-  `<output_dir>-merged` (weights, tokenizer, model card).
+  `<output_dir>-merged` (weights, tokenizer, model card);
+- `--threads N`: torch CPU threads (default: 1 on a CPU when the models are tiny, see `trl_mgsr.runtime`).
+
+`--help` lists MGSR's own flags first; `--help-mgsr` lists only those.
 
 Rows may be in any format `MGSRTrainer` accepts (`messages`, or `prompt` + `completion`) or in the MiniLLM /
 Alpaca instruction format (`instruction` [+ `input`] or `prompt`, and `output`; a list `output` uses its first
@@ -18,12 +21,15 @@ reference), which is turned into `prompt`/`completion` with the Alpaca template 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from . import guards, runtime
+from ._trl import GKDConfig
 from .cli import OneLineErrors
 from .config import MGSRConfig
 from .evaluation import DATA_FILE_SUFFIXES, SAVED_DATASET_FILES, quiet_datasets, render_prompt
@@ -45,14 +51,78 @@ class MGSRScriptArguments(ScriptArguments):
         default=False,
         metadata={"help": "With --use_peft: also save the adapter merged into its base model in <output_dir>-merged."},
     )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "torch CPU threads. Default (None): 1 when training on a CPU with models under "
+                  f"{runtime.SMALL_MODEL_PARAMETERS // 1_000_000}M parameters in all, else torch's default."},
+    )
 
 
 class DistillParser(OneLineErrors, TrlParser):
     """`TrlParser` whose usage errors are one line."""
 
 
+USAGE = """%(prog)s --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER
+           --dataset_name DATA [MGSR options] [TRL / Transformers options]
+       %(prog)s --help-mgsr   (MGSR's own options only)"""
+#: Flags listed first in `--help` besides the fields MGSRConfig adds to GKDConfig.
+FIRST_FLAGS = ("model_name_or_path", "teacher_model_name_or_path", "dataset_name", "dataset_train_split",
+               "dataset_test_split", "train_file", "eval_file", "merge_adapter", "threads", "output_dir", "lmbda",
+               "max_new_tokens", "max_length", "use_peft", "config")
+TEACHER_HELP = "The teacher: a local model directory or a Hub id (required)."
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """TRL's help format; a required flag does not claim a default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.dest in REQUIRED else super()._get_help_string(action)
+
+
+REQUIRED = ("model_name_or_path", "teacher_model_name_or_path")
+
+
+class _HelpMGSR(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = parser._action_groups
+        parser._action_groups = [g for g in groups if g.title == parser.mgsr_group.title]
+        try:
+            parser.print_help()
+        finally:
+            parser._action_groups = groups
+        parser.exit()
+
+
 def make_parser(prog: str = "trl-mgsr distill") -> TrlParser:
-    return DistillParser((MGSRScriptArguments, MGSRConfig, ModelConfig), prog=prog)
+    """The parser, with MGSR's own flags (and the few every run sets) listed first in `--help`."""
+    parser = DistillParser((MGSRScriptArguments, MGSRConfig, ModelConfig), prog=prog, usage=USAGE)
+    gkd = {f.name for f in fields(GKDConfig)}
+    first = {f.name for f in fields(MGSRConfig) if f.name not in gkd} | set(FIRST_FLAGS)
+    group = parser.add_argument_group("MGSR options (TRL's GKDConfig/SFTConfig, TrainingArguments and ModelConfig "
+                                      "options follow)")
+    parser.add_argument("--help-mgsr", action=_HelpMGSR, help="Show only the MGSR options and exit.")
+    for action in list(parser._optionals._group_actions):
+        if action.dest in first or action.dest == argparse.SUPPRESS and "--help-mgsr" in action.option_strings:
+            parser._optionals._group_actions.remove(action)
+            group._group_actions.append(action)
+        if action.dest == "teacher_model_name_or_path":
+            action.help = TEACHER_HELP
+        if action.dest == "dataset_name":
+            action.help = "Training data: a Hub dataset, a saved dataset directory or a local .jsonl/.json/.parquet file."
+        if action.dest == "model_name_or_path":
+            action.help = "The student: a local model directory or a Hub id (required)."
+    order = {name: i for i, name in enumerate(("help_mgsr", *FIRST_FLAGS))}
+    group._group_actions.sort(key=lambda a: order.get(a.dest if a.dest != argparse.SUPPRESS else "help_mgsr",
+                                                      len(order)))
+    parser.formatter_class = _Formatter
+    parser._optionals.title = "TRL and Transformers options"
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(0, group)
+    parser.mgsr_group = group
+    return parser
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "trl-mgsr distill"):
@@ -89,8 +159,15 @@ def load_data_file(path: str, what: str):
     if not path.endswith(DATA_FILE_SUFFIXES):
         raise ValueError(f"{what} {path}: unsupported file type; use .jsonl, .json or .parquet")
     kind = "parquet" if path.endswith(".parquet") else "json"
+    if kind == "json":
+        with open(path, "rb") as f:
+            if not f.read(4096).strip() and not f.read(1):  # `datasets` fails on an empty JSON file with StopIteration
+                raise ValueError(f"{what} {path}: the file has no rows")
     with quiet_datasets():
-        return load_dataset(kind, data_files=path, split="train")
+        data = load_dataset(kind, data_files=path, split="train")
+    if len(data) == 0:
+        raise ValueError(f"{what} {path}: the file has no rows")
+    return data
 
 
 def to_training_format(dataset, source: str):
@@ -145,8 +222,11 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
                 f"--dataset_name {name}: no split {script_args.dataset_train_split!r} (splits: {sorted(data)}); "
                 "set --dataset_train_split"
             )
+        _check_split_has_rows(data, script_args.dataset_train_split, name, "--dataset_train_split")
         train = to_training_format(data[script_args.dataset_train_split], name)
         test = script_args.dataset_test_split
+        if test in data and want_eval:
+            _check_split_has_rows(data, test, name, "--dataset_test_split")
         evaluation = to_training_format(data[test], name) if test in data else None
         source = name
     else:
@@ -160,6 +240,12 @@ def load_datasets(script_args: MGSRScriptArguments, training_args: MGSRConfig):
             f"{script_args.dataset_test_split!r} split"
         )
     return train, (evaluation if want_eval else None), source
+
+
+def _check_split_has_rows(data, split: str, name: str, flag: str) -> None:
+    rows = getattr(data[split], "num_rows", None)
+    if rows == 0:
+        raise ValueError(f"--dataset_name {name}: split {split!r} has no rows; pick another with {flag}")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -195,10 +281,9 @@ def run(script_args: MGSRScriptArguments, training_args: MGSRConfig, model_args:
         raise ValueError("--teacher_model_name_or_path is required (the teacher)")
     if script_args.merge_adapter and not model_args.use_peft:
         raise ValueError("--merge_adapter needs --use_peft (there is no adapter to merge)")
-    for what, path in (("--model_name_or_path", model_args.model_name_or_path),
-                       ("--teacher_model_name_or_path", training_args.teacher_model_name_or_path)):
-        if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.isdir(path):
-            raise FileNotFoundError(f"{what} {path}: no such model directory")
+    guards.check_model_path(model_args.model_name_or_path, "--model_name_or_path")
+    guards.check_model_path(training_args.teacher_model_name_or_path, "--teacher_model_name_or_path")
+    runtime.check_threads(script_args.threads)
 
     train_dataset, eval_dataset, source = load_datasets(script_args, training_args)
 
@@ -231,6 +316,8 @@ def run(script_args: MGSRScriptArguments, training_args: MGSRConfig, model_args:
         processing_class=load_tokenizer(model_args, training_args),
         peft_config=get_peft_config(model_args),
     )
+    device = "cpu" if training_args.use_cpu else training_args.device
+    runtime.configure_threads(script_args.threads, trainer.model, trainer.teacher_model, device=device)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     if training_args.push_to_hub:
@@ -279,5 +366,7 @@ def merge_adapter(trainer, merged_dir: str, dataset_name: str | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     script_args, training_args, model_args = parse_args(argv)
+    if training_args.disable_tqdm:  # also the model loading / saving bars
+        runtime.disable_progress_bars()
     run(script_args, training_args, model_args)
     return 0

@@ -17,10 +17,12 @@ The scoring is a pure function, `score_generations(predictions, references)`, so
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,8 +252,12 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.exists(path) and (os.sep in path or path.startswith(".")):
-        raise EvalError(f"{path}: no such model directory")
+    from .guards import check_model_path
+
+    try:
+        check_model_path(path, "--model")
+    except FileNotFoundError as err:
+        raise EvalError(str(err)) from None
     if os.path.isfile(path):
         raise EvalError(f"{path}: is a file; give the directory of a saved model or adapter")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,6 +269,10 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto"):
                 base_path = json.load(f).get("base_model_name_or_path")
             if not base_path:
                 raise EvalError(f"{adapter_file}: no `base_model_name_or_path`; cannot find the base model")
+            try:
+                check_model_path(base_path, f"{adapter_file}: base_model_name_or_path")
+            except FileNotFoundError as err:
+                raise EvalError(str(err)) from None
             from peft import PeftModel
 
             base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
@@ -297,6 +307,7 @@ def generate(
     max_prompt_length: int | None = 256,
     progress: bool = True,
     desc: str | None = None,
+    warn_truncation: bool = True,
 ) -> list[str]:
     """Sample one response per prompt with the protocol's settings; batched, left-padded, order preserved.
 
@@ -316,6 +327,11 @@ def generate(
         tokenizer.pad_token = tokenizer.eos_token
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if max_prompt_length:
+        cut = sum(len(ids) > max_prompt_length for ids in encoded)
+        if cut and warn_truncation:
+            warnings.warn(f"{cut} of {len(encoded)} prompts are longer than max_prompt_length={max_prompt_length} "
+                          f"tokens and keep their first {max_prompt_length} (cut on the right, as in MiniLLM)",
+                          stacklevel=2)
         encoded = [ids[:max_prompt_length] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -385,7 +401,7 @@ def evaluate(
         for seed in seeds:
             predictions = generate(
                 model, tokenizer, eval_set.prompts, seed, batch_size, max_new_tokens, max_prompt_length,
-                progress=progress, desc=f"{eval_set.name} seed {seed}",
+                progress=progress, desc=f"{eval_set.name} seed {seed}", warn_truncation=seed == seeds[0],
             )
             row_scores = score_rows(predictions, eval_set.references)
             scores[str(seed)] = statistics.fmean(row_scores) if row_scores else 0.0
@@ -438,6 +454,7 @@ def build_parser(prog: str = "trl-mgsr eval"):
 
     parser = OneLineErrorParser(
         prog=prog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ROUGE-L evaluation (MiniLLM/DistiLLM protocol: sampling with top_k=0, top_p=1, temperature=1, "
         "several seeds, max over references).",
     )
@@ -446,20 +463,26 @@ def build_parser(prog: str = "trl-mgsr eval"):
         "--data", nargs="+", required=True,
         help="Evaluation sets: .jsonl/.json/.parquet files, saved dataset directories or Hugging Face dataset names.",
     )
-    parser.add_argument("--split", default="test", help="Split of dataset names/directories (default: test).")
+    parser.add_argument("--split", default="test", help="Split of dataset names/directories.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30], help="Sampling seeds.")
     parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[10, 20, 30], help="Sampling seeds (default: 10 20 30)."
+        "--batch_size", type=int, default=8,
+        help="Prompts per generate call; samples depend on it, so compare models with the same value.",
     )
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="Longest sampled response.")
     parser.add_argument(
         "--max_prompt_length", type=int, default=256, help="Prompts keep their first N tokens (MiniLLM)."
     )
     parser.add_argument("--max_samples", type=int, default=None, help="Evaluate the first N rows of each set.")
     parser.add_argument("--output_dir", default="mgsr-eval", help="Where results.json/.md and generations go.")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (None: cuda when available).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="Weights dtype ('auto': as saved).")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (None: 1 on a CPU for models under 20M parameters, else torch's default).",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="Hide every progress bar (loading included).")
     return parser
 
 
@@ -472,12 +495,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) < len(args.seeds):
         raise EvalError(f"--seeds must be distinct, got {args.seeds}")
     check_device(args.device)
+    from .runtime import check_threads, configure_threads, disable_progress_bars
+
+    check_threads(args.threads)
+    if args.no_progress:
+        disable_progress_bars()
     sets = [load_eval_set(source, args.split, args.max_samples) for source in args.data]
     names = [s.name for s in sets]
     for i, s in enumerate(sets):  # two sets with the same derived name: keep both
         if names.count(s.name) > 1:
             s.name = f"{s.name}-{i}"
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    configure_threads(args.threads, model, device=next(model.parameters()).device)
     result = evaluate(
         model, tokenizer, sets, args.seeds, args.batch_size, args.max_new_tokens, args.max_prompt_length,
         progress=not args.no_progress,

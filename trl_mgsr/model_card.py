@@ -98,6 +98,17 @@ def _fix_unknown_base(card: str, trainer) -> str:
     return card.replace('model="None"', f'model="{trainer.args.output_dir}"')
 
 
+def _fix_trl_placeholders(card: str, trainer) -> str:
+    """TRL's template writes `licence: license` (a placeholder, not a licence) and a "Training procedure" heading
+    whose badges are empty for runs without W&B/Comet: drop the placeholder, say what the procedure was."""
+    card = re.sub(r"^licence: license\n", "", card, flags=re.M)
+    teacher = trainer.args.teacher_model_name_or_path
+    teacher = f"`{teacher}`" if isinstance(teacher, str) and teacher else describe_model(trainer.teacher_model)
+    procedure = (f"Distilled from the teacher {teacher} with `MGSRTrainer` (`trl_mgsr`); the objective and every "
+                 "setting are listed under [MGSR distillation](#mgsr-distillation).")
+    return re.sub(r"(## Training procedure\n)\s*\n(?=\S)", rf"\1\n{procedure}\n\n", card, count=1)
+
+
 def add_mgsr_section(trainer, dataset_name: str | None = None) -> str | None:
     """Insert the MGSR section into the card TRL wrote in `args.output_dir`; return the card's path.
 
@@ -115,6 +126,7 @@ def add_mgsr_section(trainer, dataset_name: str | None = None) -> str | None:
     marker = "\n## Citations"
     card = card.replace(marker, "\n" + section + marker, 1) if marker in card else card.rstrip() + "\n\n" + section
     card = _fix_unknown_base(card, trainer)
+    card = _fix_trl_placeholders(card, trainer)
     citation = trainer._paper.get("citation", "")
     if citation and citation not in card:
         card = card.rstrip() + "\n\n## Citation\n\n```bibtex\n" + citation + "\n```\n"

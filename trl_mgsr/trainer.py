@@ -36,6 +36,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
+from . import guards
 from ._trl import GKDConfig, GKDTrainer
 from .config import MGSRConfig
 from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
@@ -44,6 +45,7 @@ from .generation import pure_sampling
 from .losses import (IGNORE_INDEX, DACBandNet, LossTerm, band_features, band_label_loss, chunked_dac_kl_loss,
                      chunked_sft_loss, chunked_span_loss, span_loglik_loss)
 from .losses.terms import labelled_rows
+from .runtime import quiet_trl_deprecations
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
 from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
 from .spans import get_span_extractor, span_counts, span_groups, span_ids_from_tokens, span_pair_mask
@@ -114,6 +116,11 @@ class MGSRTrainer(GKDTrainer):
                 "columns (format them with `dataset.map` first)."
             )
         _check_adaptive_schedule(args, eval_dataset)
+        guards.check_model_path(model, "model")
+        guards.check_model_path(teacher_model if teacher_model is not None else args.teacher_model_name_or_path,
+                                "teacher_model")
+        guards.check_datasets(_named_datasets(train_dataset, eval_dataset))  # SFTTrainer fails on none with a bare error
+        quiet_trl_deprecations()
         teacher_model = _load_teacher(teacher_model, args)
         if isinstance(model, nn.Module) and _shares_weights(model, teacher_model):
             raise ValueError(
@@ -163,6 +170,10 @@ class MGSRTrainer(GKDTrainer):
             self.data_collator.tokenizer = self.processing_class
         for name, dataset in _named_datasets(train_dataset, eval_dataset):
             _validate_dataset(dataset, self.processing_class, name)
+            if isinstance(self.data_collator, MGSRDataCollator) and not isinstance(dataset, datasets.IterableDataset):
+                report = self.data_collator.truncation_report(dataset, name)  # how many rows, cut which way
+                if report:
+                    warnings.warn(report, stacklevel=2)
         self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, processing_class, args)
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
@@ -248,7 +259,9 @@ class MGSRTrainer(GKDTrainer):
                     self.accelerator,
                     generation_kwargs=self.generation_kwargs,
                     gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                ) as unwrapped, pure_sampling(unwrapped):
+                ) as unwrapped, pure_sampling(unwrapped), \
+                        guards.finite_logits(self, unwrapped, "student", "in on-policy sampling"), \
+                        guards.finite_logits(self, self.teacher_model, "teacher", "in SCRG (before any correction)"):
                     ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
                 inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
             elif source == REPLAY:  # buffered samples bring their own span ids
@@ -256,7 +269,8 @@ class MGSRTrainer(GKDTrainer):
             else:
                 with unwrap_model_for_generation(
                     self.teacher_model, self.accelerator, generation_kwargs=self.generation_kwargs
-                ) as unwrapped, pure_sampling(unwrapped):
+                ) as unwrapped, pure_sampling(unwrapped), \
+                        guards.finite_logits(self, unwrapped, "teacher", "in seq_kd sampling"):
                     ids, mask, labels = GKDTrainer.generate_on_policy_outputs(
                         unwrapped, inputs, self.teacher_generation_config
                     )
@@ -450,6 +464,7 @@ class MGSRTrainer(GKDTrainer):
             loss = loss + weight * term.total / count.clamp(min=1)
         if global_counts:
             loss = loss * self.accelerator.num_processes
+        guards.check_loss(self, loss, terms, student_logits, teacher_logits, inputs["attention_mask"])
         self._log_terms(terms, inputs)
         return (loss, student_outputs) if return_outputs else loss
 
@@ -506,10 +521,13 @@ class MGSRTrainer(GKDTrainer):
         optimizer, its own norm otherwise (when it has its own optimizer the engine clips the student)."""
         band = [] if self.dac_band_net is None else list(self.dac_band_net.parameters())
         if band and self._band_optimizer is None and not self._has_mixed_mesh_grads(model):
-            return self.accelerator.clip_grad_norm_([*model.parameters(), *band], self.args.max_grad_norm)
-        if band:
-            torch.nn.utils.clip_grad_norm_(band, self.args.max_grad_norm)
-        return super()._clip_grad_norm(model)
+            norm = self.accelerator.clip_grad_norm_([*model.parameters(), *band], self.args.max_grad_norm)
+        else:
+            if band:
+                torch.nn.utils.clip_grad_norm_(band, self.args.max_grad_norm)
+            norm = super()._clip_grad_norm(model)
+        guards.check_grad_norm(self, norm)  # before the optimizer step writes the weights
+        return norm
 
     def _sync_band_gradients(self) -> None:
         """Average the band sub-network's gradients over ranks, as DDP does for the student (it is not wrapped)."""
@@ -634,6 +652,11 @@ class MGSRTrainer(GKDTrainer):
             if os.path.isfile(path):
                 self.load_mgsr_state_dict(torch.load(path, map_location="cpu", weights_only=False))
                 return
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, refusing to write a student with non-finite weights."""
+        guards.check_weights(self)
+        super().save_model(output_dir, _internal_call)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card plus an "MGSR distillation" section: teacher, dataset, objective, MGSR settings, citation."""
