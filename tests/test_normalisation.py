@@ -91,7 +91,9 @@ def torchrun_grad_step(tmp_path, *args, port):
     """Run `grad_step.py` on 2 CPU processes (gloo); returns the update of rank 0 and of rank 1."""
     out = tmp_path / "ddp" / "delta.pt"
     out.parent.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    # tests/ for grad_step.py, then this checkout's trl_mgsr (not whichever one is installed)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(Path(__file__).parent / "grad_step.py"), str(out), *map(str, args)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
