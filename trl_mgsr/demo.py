@@ -26,8 +26,8 @@ from dataclasses import asdict, replace
 
 from .lab import TASKS, Budget, Method, ModelSettings, distill, eval_rows, evaluate_student, prepare_models
 
-#: Smaller than the lab's defaults (a 2-minute run); measured: the teacher is valid on most held-out prompts, the
-#: initial student on almost none.
+#: Smaller than the lab's defaults (a 2-minute run). Measured on the default run: greedy validity 0.77 for the
+#: teacher, 0.00 for the initial student (sampled 0.44 and 0.02).
 MODELS = ModelSettings(teacher_hidden=64, teacher_layers=2, teacher_steps=800, init_steps=200, eval_prompts=32)
 BUDGET = Budget(steps=120, batch_size=16, max_new_tokens=28)
 QUICK_MODELS = ModelSettings(teacher_hidden=32, teacher_layers=1, teacher_steps=20, student_hidden=16,
