@@ -1,79 +1,46 @@
-"""`trl-mgsr demo`: MGSR against plain GKD on the same budget, fully offline, on data shipped in the package.
+"""`trl-mgsr demo`: GKD against MGSR on the distillation lab's checkable tasks, offline, about 2 minutes of CPU.
 
-1. Load `trl_mgsr/assets/dolly_mini.jsonl` (480 short rows of databricks-dolly-15k, CC BY-SA 3.0; see
-   `trl_mgsr/assets/README.md`); the last rows are held out.
-2. Train a byte-level BPE tokenizer on the training rows; build a small Llama teacher and a smaller student.
-3. Fit the teacher on the training rows (plain cross-entropy), so that it has something to teach.
-4. Distill two copies of the same initial student, one with `MGSRTrainer` and one with TRL's `GKDTrainer`: same
-   steps, batch, learning rate, schedule, `lmbda`, `max_new_tokens` and seed. `MGSRTrainer` is called through its
-   public constructor with default MGSR settings, so every loss term the package implements takes part.
-5. Evaluate the teacher and the three students: teacher-forced loss per completion token on the held-out rows and
-   ROUGE-L with the MiniLLM protocol (`trl_mgsr.evaluation`, several seeds).
-6. Print a comparison table, write `results.json`, `results.md` and a PNG plot (training curves and scores), and
-   save the MGSR student with its model card (plus the teacher, the initial student and the GKD student, so that
-   `trl-mgsr eval` and the examples can be run on them).
+1. Train (or reuse from `--output_dir/cache`) a small teacher and an initial student on the lab tasks
+   (`trl_mgsr.lab`: `sort`, `pick`, `walk`), with settings smaller than the lab's so that the run stays short.
+2. Distill two copies of that student, one with TRL's `GKDTrainer` (`Method("gkd")`) and one with `MGSRTrainer`
+   with its defaults (`Method("mgsr")`), on one `Budget`: same rows, steps, batch, learning rate, `lmbda`, seed.
+3. Evaluate the teacher, the initial student and both students on held-out prompts with the task checkers
+   (`evaluate_student`): sampled and greedy validity, the teacher's NLL of the student's samples, distinct valid
+   answers.
+4. Print the table; write `results.json`, `results.md`, `demo.png`; save `teacher/`, `student-init/`,
+   `student-gkd/` and `student-mgsr/` (with its model card).
 
-The models are tiny and the budget is a few minutes of CPU: the numbers show the pipeline working end to end,
-they are not a benchmark of MGSR.
+One run, one seed, small held-out sets: differences of a few points are within noise. `--dolly` runs the older
+demo on Dolly text (ROUGE-L, `trl_mgsr.demo_dolly`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
+import shutil
+import statistics
 import time
-from dataclasses import asdict, dataclass, replace
-from importlib import resources
+from dataclasses import asdict, replace
 
-DATA_FILE = "dolly_mini.jsonl"
-DATA_DESCRIPTION = "trl_mgsr/assets/dolly_mini.jsonl (a 480-row subset of databricks-dolly-15k, CC BY-SA 3.0)"
+from .lab import TASKS, Budget, Method, ModelSettings, distill, eval_rows, evaluate_student, prepare_models
 
-
-@dataclass(frozen=True)
-class DemoSettings:
-    held_out: int = 48
-    vocab_size: int = 1024
-    teacher_hidden: int = 128
-    teacher_layers: int = 4
-    student_hidden: int = 48
-    student_layers: int = 2
-    teacher_steps: int = 400
-    teacher_lr: float = 3e-3
-    teacher_batch_size: int = 16
-    distill_steps: int = 120
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    lmbda: float = 0.5
-    max_new_tokens: int = 32
-    max_length: int = 128
-    seeds: tuple[int, ...] = (10, 20, 30)
-    eval_max_new_tokens: int = 64
-    eval_batch_size: int = 24
-    curve_every: int = 10
-
-
-QUICK = DemoSettings(
-    held_out=6, vocab_size=512, teacher_hidden=32, teacher_layers=2, student_hidden=16, student_layers=1,
-    teacher_steps=12, teacher_batch_size=4, distill_steps=3, batch_size=4, max_new_tokens=8, max_length=128,
-    seeds=(10, 20), eval_max_new_tokens=12, eval_batch_size=8, curve_every=1,
-)
-
-
-def load_rows() -> list[dict]:
-    """The instruction rows shipped with the package: `instruction`, `input`, `output`."""
-    text = resources.files("trl_mgsr").joinpath("assets", DATA_FILE).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def to_messages(row: dict) -> dict:
-    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+#: Smaller than the lab's defaults (a 2-minute run). Measured on the default run: greedy validity 0.77 for the
+#: teacher, 0.00 for the initial student (sampled 0.44 and 0.02).
+MODELS = ModelSettings(teacher_hidden=64, teacher_layers=2, teacher_steps=800, init_steps=200, eval_prompts=32)
+BUDGET = Budget(steps=120, batch_size=16, max_new_tokens=28)
+QUICK_MODELS = ModelSettings(teacher_hidden=32, teacher_layers=1, teacher_steps=20, student_hidden=16,
+                             student_layers=1, init_steps=4, eval_prompts=4)
+QUICK_BUDGET = Budget(steps=3, batch_size=6, max_new_tokens=26)
+METHODS = {"student-gkd": ("student + GKD", Method("gkd")), "student-mgsr": ("student + MGSR", Method("mgsr"))}
+SAMPLES = 4  # sampled responses per held-out prompt
+CURVE_POINTS = 5  # held-out validity measured this many times during each distillation (and before it)
+DATASET = "trl_mgsr.lab tasks " + ", ".join(TASKS) + " (procedurally generated)"
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None):
+def torch_threads(n: int | None):
     """Tiny models run fastest on one thread (and far faster than on 2 threads of a busy machine)."""
     import torch
 
@@ -86,147 +53,56 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Keep the demo's output readable: no deprecation warnings, info logs or save/load progress bars."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-class _Stopwatch:
-    def __init__(self, log):
-        self.log, self.start = log, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        self.log(f"[{time.perf_counter() - self.start:6.1f}s] {message}")
-
-
-def _fit_teacher(teacher, tokenizer, rows, s: DemoSettings, curve: list) -> None:
+def _validity_curve(teacher, tokenizer, rows, budget: Budget):
+    """A callback recording the student's mean sampled validity on `rows` (2 samples per prompt) during training;
+    the RNG is forked so that measuring does not change the training run."""
     import torch
-    from transformers import get_cosine_schedule_with_warmup
-
-    from .data import MGSRDataCollator, position_ids_from_mask
-
-    collator = MGSRDataCollator(tokenizer, max_length=s.max_length)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=s.teacher_lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, s.teacher_steps // 20), s.teacher_steps)
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(rows), generator=generator).tolist()
-    teacher.train()
-    for step in range(s.teacher_steps):
-        size = s.teacher_batch_size
-        picked = [order[(step * size + i) % len(order)] for i in range(size)]
-        batch = collator([rows[i] for i in picked])
-        mask = batch["attention_mask"]
-        loss = teacher(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-            labels=batch["labels"],
-        ).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        curve.append((step + 1, loss.item()))
-    teacher.eval()
-
-
-def _held_out_curve_callback(tokenizer, rows, every: int, max_length: int):
     from transformers import TrainerCallback
 
-    from .evaluation import completion_loss
+    every = max(budget.steps // CURVE_POINTS, 1)
 
-    class HeldOutLoss(TrainerCallback):
-        """Teacher-forced held-out loss of the student every `every` steps (comparable across trainers)."""
-
+    class ValidityCurve(TrainerCallback):
         def __init__(self):
             self.curve: list[tuple[int, float]] = []
 
-        def _record(self, state, model):
-            self.curve.append((state.global_step, completion_loss(model, tokenizer, rows, max_length=max_length)))
+        def _record(self, step, model):
+            with torch.random.fork_rng(devices=[]):
+                scores = evaluate_student(model, teacher, tokenizer, rows, samples=2, seed=budget.seed,
+                                          max_new_tokens=budget.max_new_tokens)
+            model.train()
+            self.curve.append((step, statistics.fmean(s["sampled"] for s in scores.values())))
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self._record(state, model)
+            self._record(0, model)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % every == 0 or state.global_step == state.max_steps:
-                self._record(state, model)
+                self._record(state.global_step, model)
 
-    return HeldOutLoss()
-
-
-def _distill(trainer_cls, config_cls, name, student, teacher, tokenizer, train, held_rows, s, output_dir, seed):
-    import torch
-    from datasets import Dataset
-    from transformers import PrinterCallback
-
-    args = config_cls(
-        output_dir=os.path.join(output_dir, name),
-        bf16=False,
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        max_steps=s.distill_steps,
-        per_device_train_batch_size=s.batch_size,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, s.distill_steps // 20),
-        lmbda=s.lmbda,
-        max_new_tokens=s.max_new_tokens,
-        max_length=s.max_length,
-        logging_steps=max(1, s.curve_every // 2),
-        save_strategy="no",
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=seed,
-    )
-    callback = _held_out_curve_callback(tokenizer, held_rows, s.curve_every, s.max_length)
-    trainer = trainer_cls(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(train),
-        processing_class=tokenizer, callbacks=[callback],
-    )
-    trainer.remove_callback(PrinterCallback)  # the demo prints its own summary
-    trainer.train()
-    return trainer, callback.curve
-
-
-def _length(tokenizer, row: dict) -> int:
-    text = tokenizer.apply_chat_template(to_messages(row)["messages"], tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ValidityCurve()
 
 
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def results_table(rows: list[dict], seeds) -> str:
-    lines = [
-        f"| model | parameters | held-out loss | ROUGE-L (mean ± std, {len(seeds)} seeds) |",
-        "| --- | ---: | ---: | ---: |",
-    ]
+def results_table(rows: list[dict], tasks: list[str]) -> str:
+    """One line per model: sampled validity per task and on average, greedy validity, teacher NLL, diversity."""
+    head = ["model", "parameters", *(f"{t} sampled" for t in tasks), "mean sampled", "mean greedy",
+            "teacher NLL / token", "distinct valid (pick)"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['held_out_loss']:.3f} | "
-            f"{r['rougeL_mean']:.2f} ± {r['rougeL_std']:.2f} |"
-        )
+        m = r["metrics"]
+        cells = [r["model"], f"{r['parameters'] / 1e6:.2f}M", *(f"{m[t]['sampled']:.2f}" for t in tasks),
+                 f"{r['mean']['sampled']:.2f}", f"{r['mean']['greedy']:.2f}", f"{r['mean']['teacher_nll']:.2f}",
+                 f"{m['pick']['distinct_valid']:.2f}" if "pick" in m else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_results(path: str, teacher_curve, curves: dict, train_logs: dict, rows: list[dict]) -> str | None:
-    """Write the PNG (teacher loss, students' held-out loss, training objectives, ROUGE-L); None without matplotlib."""
+def plot_results(path: str, rows: list[dict], tasks: list[str], curves: dict) -> str | None:
+    """Write the PNG (sampled validity per task and model; students' held-out validity during distillation);
+    None without matplotlib."""
     try:
         import matplotlib
 
@@ -234,126 +110,104 @@ def plot_results(path: str, teacher_curve, curves: dict, train_logs: dict, rows:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    colors = {"student-gkd": "tab:orange", "student-mgsr": "tab:blue"}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    colors = ["dimgray", "lightgray", "tab:orange", "tab:blue"]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 7, 4.8), squeeze=False)
     ax = axes[0][0]
-    ax.plot(*zip(*teacher_curve), color="gray")
-    ax.set(title="Teacher fit (training cross-entropy)", xlabel="step", ylabel="loss")
-    ax = axes[0][1]
-    for name, curve in curves.items():
-        ax.plot(*zip(*curve), marker=".", label=name, color=colors.get(name))
-    ax.set(title="Students: held-out loss per completion token", xlabel="step", ylabel="nats")
-    ax.legend()
-    ax = axes[1][0]
-    for name, log in train_logs.items():
-        if log:
-            ax.plot(*zip(*log), marker=".", label=name, color=colors.get(name))
-    ax.set(title="Training objective (each trainer's own loss)", xlabel="step", ylabel="loss")
-    ax.legend()
-    ax = axes[1][1]
-    names = [r["model"] for r in rows]
-    ax.bar(range(len(rows)), [r["rougeL_mean"] for r in rows], yerr=[r["rougeL_std"] for r in rows], capsize=4,
-           color=["gray", "lightgray", "tab:orange", "tab:blue"][: len(rows)])
-    ax.set_xticks(range(len(rows)), names, rotation=15, ha="right", fontsize=8)
-    ax.set(title="ROUGE-L on held-out rows (mean ± std over seeds)", ylabel="ROUGE-L")
+    groups = [*tasks, "mean"]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        values = [r["metrics"][t]["sampled"] if t != "mean" else r["mean"]["sampled"] for t in groups]
+        ax.bar([g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))], values, width, label=r["model"],
+               color=colors[i % len(colors)])
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set(ylim=(0, 1), ylabel="share of valid sampled responses",
+           title="Held-out sampled validity per task: teacher, student before, GKD, MGSR")
+    ax.legend(fontsize=8)
+    if curves:
+        ax = axes[0][1]
+        for (name, curve), color in zip(curves.items(), ("tab:orange", "tab:blue")):
+            ax.plot(*zip(*curve), marker="o", label=name, color=color)
+        ax.set(ylim=(0, 1), xlabel="distillation step", ylabel="mean sampled validity (2 samples per prompt)",
+               title="Each student's held-out sampled validity during distillation")
+        ax.legend(fontsize=8)
+    for a in axes[0]:
+        a.title.set_fontsize(10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def run_demo(
-    output_dir: str = "mgsr-demo",
-    quick: bool = False,
-    seed: int = 0,
-    threads: int | None = 1,
-    log=print,
-    settings: DemoSettings | None = None,
-) -> dict:
-    """Run the demo; return its results (also written to `output_dir/results.json`)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    s = settings or (QUICK if quick else DemoSettings())
-    with _torch_threads(threads), _quiet():
-        return _run(output_dir, s, seed, log)
+def _stage(models: dict, output_dir: str) -> tuple[str, str]:
+    """Copy the cached teacher and initial student to `teacher/` and `student-init/` (what the README's examples
+    use); return their paths."""
+    paths = []
+    for role, name in (("teacher", "teacher"), ("student_init", "student-init")):
+        path = os.path.join(output_dir, name)
+        shutil.copytree(models[role], path, dirs_exist_ok=True)
+        paths.append(path)
+    return paths[0], paths[1]
 
 
-def _run(output_dir: str, s: DemoSettings, seed: int, log) -> dict:
-    from transformers import set_seed
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+def run_demo(output_dir: str = "mgsr-demo", quick: bool = False, settings: ModelSettings | None = None,
+             budget: Budget | None = None, log=print) -> dict:
+    """Run the lab demo; return its results (also written to `output_dir/results.json`). Threads and log levels
+    are the caller's (`main`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import MGSRConfig
-    from .evaluation import EvalSet, completion_loss, evaluate
-    from .testing import build_llama, build_tokenizer
-    from .trainer import MGSRTrainer
+    settings = settings or (QUICK_MODELS if quick else MODELS)
+    budget = budget or (QUICK_BUDGET if quick else BUDGET)
+    start = time.perf_counter()
 
-    clock = _Stopwatch(log)
+    def clock(message: str) -> None:
+        log(f"[{time.perf_counter() - start:6.1f}s] {message}")
+
     os.makedirs(output_dir, exist_ok=True)
-    set_seed(seed)
-    raw = load_rows()
-    tokenizer = build_tokenizer([f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in raw[: -s.held_out]],
-                                s.vocab_size)
-    # GKD's collator rejects rows whose completion fills the whole window: keep rows that fit (same rows for both).
-    fitting = [r for r in raw if _length(tokenizer, r) <= s.max_length]
-    train_raw, held_raw = fitting[: -s.held_out], fitting[-s.held_out :]
-    train, held = [to_messages(r) for r in train_raw], [to_messages(r) for r in held_raw]
-    teacher = build_llama(tokenizer, s.teacher_hidden, s.teacher_layers, seed=seed + 1)
-    student = build_llama(tokenizer, s.student_hidden, s.student_layers, seed=seed)
-    clock(f"data: {len(train)} training rows, {len(held)} held out; tokenizer: {len(tokenizer)} tokens; "
-          f"teacher {_count(teacher) / 1e6:.2f}M parameters, student {_count(student) / 1e6:.2f}M")
+    models = prepare_models(settings, os.path.join(output_dir, "cache"), log=clock)
+    teacher_dir, init_dir = _stage(models, output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()  # the model card names it by this path
+    rows_eval = eval_rows(settings)
+    tasks = list(settings.tasks)
 
-    teacher_curve: list = []
-    _fit_teacher(teacher, tokenizer, train, s, teacher_curve)
-    teacher_dir, init_dir = os.path.join(output_dir, "teacher"), os.path.join(output_dir, "student-init")
-    for model, path in ((teacher, teacher_dir), (student, init_dir)):
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    teacher.config._name_or_path = teacher_dir  # so that the model card names the teacher by its saved path
-    clock(f"teacher: {s.teacher_steps} steps, final training loss {teacher_curve[-1][1]:.3f}; saved to {teacher_dir}")
-
-    runs, curves, train_logs = {}, {}, {}
-    for name, trainer_cls, config_cls in (("student-gkd", GKDTrainer, GKDConfig),
-                                          ("student-mgsr", MGSRTrainer, MGSRConfig)):
-        trainer, curve = _distill(trainer_cls, config_cls, name, copy.deepcopy(student), teacher, tokenizer, train,
-                                  held, s, output_dir, seed)
-        runs[name], curves[name] = trainer, curve
-        train_logs[name] = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-        clock(f"{name}: {s.distill_steps} steps with {trainer_cls.__name__}, held-out loss {curve[-1][1]:.3f}")
-
-    mgsr = runs["student-mgsr"]
-    mgsr.save_model()
-    mgsr.create_model_card(model_name="student-mgsr", dataset_name=DATA_DESCRIPTION)
-    runs["student-gkd"].save_model()
+    trainers, curves, seconds = {}, {}, {}
+    for name, (label, method) in METHODS.items():
+        student = AutoModelForCausalLM.from_pretrained(init_dir)
+        callback = _validity_curve(teacher, tokenizer, rows_eval, budget)
+        trainer, seconds[name] = distill(method, budget, settings, teacher, student, tokenizer,
+                                         os.path.join(output_dir, name), callbacks=[callback])
+        trainers[name], curves[label] = trainer, callback.curve
+        trainer.save_model()
+        clock(f"{label}: {budget.steps} steps in {seconds[name]:.0f} s "
+              f"(with {len(callback.curve)} held-out checks), saved to {trainer.args.output_dir}")
+    mgsr = trainers["student-mgsr"]
+    mgsr.create_model_card(model_name="student-mgsr", dataset_name=DATASET)
     terms = sorted({k for e in mgsr.state.log_history for k in e if k.startswith("mgsr/")})
 
-    prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
-               for r in held]
-    held_set = EvalSet("held-out", prompts, [[r["output"]] for r in held_raw], f"trl_mgsr/assets/{DATA_FILE}")
-    with open(os.path.join(output_dir, "heldout.jsonl"), "w", encoding="utf-8") as f:
-        for prompt, row in zip(prompts, held_raw):
-            f.write(json.dumps({"prompt": prompt, "output": row["output"]}, ensure_ascii=False) + "\n")
-    models = [("teacher", teacher), ("student before distillation", student),
-              ("student + GKD", runs["student-gkd"].model), ("student + MGSR", mgsr.model)]
     rows = []
-    for label, model in models:
-        model = model.eval()
-        scores = evaluate(model, tokenizer, [held_set], s.seeds, s.eval_batch_size, s.eval_max_new_tokens,
-                          max_prompt_length=None, progress=False)
-        rows.append({"model": label, "parameters": _count(model),
-                     "held_out_loss": completion_loss(model, tokenizer, held, max_length=s.max_length),
-                     "rougeL_mean": scores.sets["held-out"]["mean"], "rougeL_std": scores.sets["held-out"]["std"],
-                     "rougeL_per_seed": scores.sets["held-out"]["scores"]})
-    clock(f"evaluation: {len(models)} models x {len(s.seeds)} seeds x {len(held)} held-out rows")
+    for label, model in (("teacher", teacher), ("student before distillation", AutoModelForCausalLM.from_pretrained(
+            init_dir)), *((METHODS[n][0], t.model) for n, t in trainers.items())):
+        metrics = evaluate_student(model, teacher, tokenizer, rows_eval, samples=SAMPLES, seed=budget.seed,
+                                   max_new_tokens=budget.max_new_tokens)
+        mean = {k: statistics.fmean(metrics[t][k] for t in tasks) for k in ("sampled", "greedy", "teacher_nll")}
+        rows.append({"model": label, "parameters": _count(model), "metrics": metrics, "mean": mean})
+    clock(f"evaluation: {len(rows)} models x {len(tasks)} tasks x {settings.eval_prompts} held-out prompts "
+          f"x {SAMPLES} samples (+ greedy)")
 
-    table = results_table(rows, s.seeds)
+    table = results_table(rows, tasks)
     log("")
     log(table)
-    log(f"Same budget for both students: {s.distill_steps} steps x batch {s.batch_size}, lr {s.learning_rate:g}, "
-        f"lmbda {s.lmbda:g}, same initial weights and seed. MGSR terms logged: {', '.join(terms)}.")
-    png = plot_results(os.path.join(output_dir, "demo.png"), teacher_curve, curves, train_logs, rows)
+    log(f"Same budget for both students: {budget.steps} steps x batch {budget.batch_size}, lr {budget.learning_rate:g}, "
+        f"lmbda {budget.lmbda:g}, seed {budget.seed}, same initial student and rows. MGSR terms logged: "
+        f"{', '.join(terms)}. One seed and {settings.eval_prompts} prompts per task: a few points are noise.")
+    png = plot_results(os.path.join(output_dir, "demo.png"), rows, tasks, curves)
     log(f"Plot: {png}" if png else "Plot skipped: matplotlib is not installed (pip install 'trl-mgsr[plot]').")
-    results = {"settings": asdict(s), "seed": seed, "rows": rows, "mgsr_terms": terms,
-               "curves": {k: v for k, v in curves.items()}, "teacher_curve": teacher_curve,
-               "training_loss": train_logs, "plot": png, "student": mgsr.args.output_dir}
+    results = {
+        "settings": asdict(settings), "budget": asdict(budget), "samples": SAMPLES,
+        "tasks": {t: TASKS[t].shape for t in tasks}, "rows": rows, "mgsr_terms": terms,
+        "train_seconds": seconds, "validity_curves": curves, "models": models, "plot": png,
+        "student": mgsr.args.output_dir, "wall_seconds": time.perf_counter() - start,
+    }
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
@@ -365,11 +219,13 @@ def _run(output_dir: str, s: DemoSettings, seed: int, log) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineErrorParser
+    from .lab.runner import quiet
 
     parser = OneLineErrorParser(prog="trl-mgsr demo", description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default="mgsr-demo", help="Where models, results and the plot go.")
-    parser.add_argument("--quick", action="store_true", help="Tiny models, a few steps (smoke test, ~20 s).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="Tiny models, a few steps (smoke test, seconds).")
+    parser.add_argument("--dolly", action="store_true", help="The older demo on Dolly text, scored by ROUGE-L.")
+    parser.add_argument("--seed", type=int, default=0, help="Distillation seed.")
     parser.add_argument("--distill_steps", type=int, default=None, help="Override the distillation steps.")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for tiny models)."
@@ -377,10 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    settings = QUICK if args.quick else DemoSettings()
-    if args.distill_steps is not None:
-        if args.distill_steps < 1:
-            raise ValueError(f"--distill_steps must be >= 1, got {args.distill_steps}")
-        settings = replace(settings, distill_steps=args.distill_steps)
-    run_demo(args.output_dir, seed=args.seed, threads=args.threads, settings=settings)
+    if args.distill_steps is not None and args.distill_steps < 1:
+        raise ValueError(f"--distill_steps must be >= 1, got {args.distill_steps}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with torch_threads(args.threads), quiet():
+        if args.dolly:
+            from . import demo_dolly
+
+            settings = demo_dolly.QUICK if args.quick else demo_dolly.DemoSettings()
+            if args.distill_steps is not None:
+                settings = replace(settings, distill_steps=args.distill_steps)
+            demo_dolly.run_demo(args.output_dir, settings, seed=args.seed)
+        else:
+            budget = replace(QUICK_BUDGET if args.quick else BUDGET, seed=args.seed,
+                             **({"steps": args.distill_steps} if args.distill_steps else {}))
+            run_demo(args.output_dir, quick=args.quick, budget=budget)
     return 0
