@@ -390,8 +390,9 @@ class MGSRTrainer(GKDTrainer):
         ]
 
     def _trains_band(self, batch) -> bool:
-        """Whether this batch trains the band sub-network with its own objective: its labels are the data's."""
-        return (self.dac_band_net is not None and self.args.dac_band_objective == "label"
+        """Whether this batch trains the band sub-network with its own objective: a training batch whose labels are
+        the data's (never in evaluation, whose loss stays the student's)."""
+        return (self.dac_band_net is not None and self.args.dac_band_objective == "label" and self.model.training
                 and batch.get("mgsr_labels_are_data", True))
 
     def _span_items(self, span_ids, labels):
