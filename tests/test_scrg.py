@@ -207,6 +207,59 @@ def test_error_position_is_argmax_over_mismatching_real_tokens():
     check_invariants(res, cid, cm, 8)
 
 
+# Row for `error_rule="first_rejected"`: prompt [2, 3], completion y = [23, 24, 25, 26, EOS]; every token mismatches
+# the teacher's, whose probability ratio p(y_i) / max p is exp(-h[y_{i-1}]):
+#   pos 0: h[3] = 1   ratio 0.37    pos 1: h[23] = 3   ratio 0.050    pos 2: h[24] = 8   ratio 3e-4 (largest D)
+#   pos 3: h[25] = 1                pos 4: h[26] = 1
+H_REJECT = {3: 1.0, 23: 3.0, 24: 8.0, 25: 1.0, 26: 1.0}
+REJECT_COMPLETION = [23, 24, 25, 26, EOS]
+
+
+@pytest.mark.parametrize("ratio, expected_j", [(0.5, 0), (0.1, 1), (0.01, 2)])
+def test_first_rejected_is_the_first_token_below_the_ratio(ratio, expected_j):
+    student, teacher = make_pair(h=H_REJECT)
+    pid, pm, cid, cm = batch([PROMPT], [REJECT_COMPLETION])
+    paper = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8)
+    assert paper.error_pos.tolist() == [2]  # the paper's rule picks the largest divergence, not the first error
+
+    res = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected",
+                 reject_ratio=ratio)
+
+    prev = ([3] + REJECT_COMPLETION)[expected_j]
+    assert res.error_pos.tolist() == [expected_j]
+    assert res.teacher_token.tolist() == [teacher_argmax(teacher, prev)]
+    assert res.divergence[0].item() == pytest.approx(H_REJECT[prev], rel=1e-5)  # log(max p / p(y_j))
+    check_invariants(res, cid, cm, 8)
+
+
+def test_first_rejected_leaves_accepted_rows_alone_and_needs_no_student_forward():
+    student, teacher = make_pair(h=H_REJECT)
+    # Row 0 is the rejected row; row 1's tokens all have ratio exp(-1) (h = 1 after 3, 25, 26): accepted whole.
+    pid, pm, cid, cm = batch([PROMPT, PROMPT], [REJECT_COMPLETION, [25, 26, EOS, PAD, PAD]], lengths=[5, 3])
+    calls = []
+    orig = student.generate
+    student.generate = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or orig(*a, **k)
+    before = student.forward_calls
+
+    res = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected")
+
+    assert res.corrected.tolist() == [True, False]
+    assert row_tokens(res.completion_ids, res.completion_mask, 1) == [25, 26, EOS]
+    assert calls == [1]  # only the corrected row is re-generated
+    regenerated = int(res.regen_len[0])
+    assert student.forward_calls - before == regenerated  # generate's own steps; no teacher-forced student pass
+    check_invariants(res, cid, cm, 8)
+
+
+def test_first_rejected_rejects_bad_ratio():
+    student, teacher = make_pair()
+    pid, pm, cid, cm = batch([PROMPT], [REJECT_COMPLETION])
+    with pytest.raises(ValueError, match="reject_ratio"):
+        revise(student, teacher, pid, pm, cid, cm, error_rule="first_rejected", reject_ratio=1.0)
+    with pytest.raises(ValueError, match="error_rule"):
+        revise(student, teacher, pid, pm, cid, cm, error_rule="last")
+
+
 def test_agreeing_row_is_unchanged_and_corrected_row_next_to_it():
     student, teacher = make_pair(h=H_ROW)
     # Row 1 follows the teacher's chain exactly (then padding that mismatches, which must not count).

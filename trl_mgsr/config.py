@@ -25,6 +25,7 @@ DAC_STUDENT_SUPPORTS = ("full", "band")
 DAC_BAND_OBJECTIVES = ("label", "joint")
 SPAN_EXTRACTORS = ("builtin", "nltk", "spacy")
 SCRG_TEACHER_TOKENS = ("greedy", "sample")
+SCRG_ERROR_RULES = ("max_divergence", "first_rejected")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class MGSRConfig(GKDConfig):
     > SCRG (sequence correction and re-generation)
 
     scrg_rounds (`int`, defaults to `1`): correction rounds per on-policy sample; `0` turns SCRG off.
+    scrg_error (`str`, defaults to `"max_divergence"`): which position is the error: the paper's position of
+        largest teacher-student divergence D_i (`"max_divergence"`), or the first token the teacher rejects,
+        p_teacher(y_i) < scrg_reject_ratio * max_v p_teacher(v) (`"first_rejected"`; needs no student forward).
+    scrg_reject_ratio (`float`, defaults to `0.1`): the threshold of `"first_rejected"`, in (0, 1).
     scrg_kl_direction (`str`, defaults to `"forward"`): direction of the per-position difference D_i,
         `"forward"` = KL(teacher || student), `"reverse"` = KL(student || teacher).
     scrg_teacher_token (`str`, defaults to `"greedy"`): the correction token, the teacher's argmax (`"greedy"`)
@@ -140,6 +145,17 @@ class MGSRConfig(GKDConfig):
     # SCRG
     scrg_rounds: int = field(
         default=1, metadata={"help": "SCRG correction rounds per on-policy sample; 0 turns SCRG off."}
+    )
+    scrg_error: str = field(
+        default="max_divergence",
+        metadata={"help": "SCRG's error position: 'max_divergence' (the paper: the position of largest teacher-student "
+                          "divergence) or 'first_rejected' (the first token the teacher gives less than "
+                          "scrg_reject_ratio times its top probability).",
+                  "choices": list(SCRG_ERROR_RULES)},
+    )
+    scrg_reject_ratio: float = field(
+        default=0.1,
+        metadata={"help": "SCRG 'first_rejected': a token is an error when p_teacher(token) < ratio * max p_teacher."},
     )
     scrg_kl_direction: str = field(
         default="forward",
@@ -299,6 +315,7 @@ class MGSRConfig(GKDConfig):
         for name, choices in (
             ("scrg_kl_direction", KL_DIRECTIONS),
             ("scrg_teacher_token", SCRG_TEACHER_TOKENS),
+            ("scrg_error", SCRG_ERROR_RULES),
             ("dac_mode", DAC_MODES),
             ("dac_student_support", DAC_STUDENT_SUPPORTS),
             ("dac_band_objective", DAC_BAND_OBJECTIVES),
@@ -324,6 +341,8 @@ class MGSRConfig(GKDConfig):
                  f"{self.per_device_train_batch_size}) for replay to ever happen")
         if not isinstance(self.span_extractor_kwargs, (dict, type(None))):
             fail("span_extractor_kwargs", "must be a dict of the extractor's keyword arguments (or None)")
+        if not self._is_number("scrg_reject_ratio") or not 0.0 < self.scrg_reject_ratio < 1.0:
+            fail("scrg_reject_ratio", "must be a number in (0, 1)")
         if isinstance(self.scrg_rounds, bool) or not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
             fail("scrg_rounds", "must be an integer >= 0 (0 turns SCRG off)")
         for name in ("dac_features", "dac_hidden_size", "loss_chunk_size", "replay_capacity"):

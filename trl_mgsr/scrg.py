@@ -27,6 +27,7 @@ re-generated; across rounds the per-row records keep the row's last correction.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -225,33 +226,46 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _differences(
     teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | None,
+    completion_ids: torch.Tensor,
     *,
     kl_direction: str,
     teacher_token: str,
     generator: torch.Generator | None,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position `D` `[B, L]` (float32) and teacher token `t` `[B, L]`, in chunks of positions so the float32
-    working tensors stay `[chunk, V]`."""
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Per position: `D` `[B, L]` (float32; None without student logits), the teacher token `t` `[B, L]` and the
+    teacher's log-probability of the completion token relative to its most likely token, `log p(y_i) - max_v log
+    p(v)` `[B, L]` (float32, <= 0). Computed in chunks of positions so the float32 working tensors stay `[chunk, V]`."""
     B, L, V = teacher_logits.shape
     t_flat = teacher_logits.reshape(B * L, V)
-    s_flat = student_logits.reshape(B * L, V)
-    D = torch.empty(B * L, dtype=torch.float32, device=teacher_logits.device)
+    s_flat = student_logits.reshape(B * L, V) if student_logits is not None else None
+    y_flat = completion_ids.reshape(B * L).clamp(0, V - 1)
+    D = torch.empty(B * L, dtype=torch.float32, device=teacher_logits.device) if s_flat is not None else None
     tok = torch.empty(B * L, dtype=torch.long, device=teacher_logits.device)
+    gap = torch.empty(B * L, dtype=torch.float32, device=teacher_logits.device)
     for start in range(0, B * L, chunk_size):
         sl = slice(start, start + chunk_size)
         log_p = F.log_softmax(t_flat[sl].float(), dim=-1)
-        log_q = F.log_softmax(s_flat[sl].float().to(log_p.device), dim=-1)
-        D[sl] = _kl_rows(log_p, log_q) if kl_direction == "forward" else _kl_rows(log_q, log_p)
+        top = log_p.max(-1)
+        gap[sl] = log_p.gather(-1, y_flat[sl].to(log_p.device).unsqueeze(-1)).squeeze(-1) - top.values
+        if D is not None:
+            log_q = F.log_softmax(s_flat[sl].float().to(log_p.device), dim=-1)
+            D[sl] = _kl_rows(log_p, log_q) if kl_direction == "forward" else _kl_rows(log_q, log_p)
         if teacher_token == "greedy":
-            tok[sl] = log_p.argmax(-1)
+            tok[sl] = top.indices
         else:
             tok[sl] = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1)
-    return D.view(B, L), tok.view(B, L)
+    return (D.view(B, L) if D is not None else None), tok.view(B, L), gap.view(B, L)
 
 
 def _check_vocab(teacher_logits, student_logits, vocab_size):
+    """Both logits cut to the shared vocabulary (`student_logits` may be None: only the teacher's is checked)."""
+    if student_logits is None:
+        if vocab_size is not None and teacher_logits.shape[-1] < vocab_size:
+            raise ValueError(f"scrg: vocab_size={vocab_size} is larger than the teacher's logits "
+                             f"({teacher_logits.shape[-1]}).")
+        return (teacher_logits[..., :vocab_size] if vocab_size is not None else teacher_logits), None
     if vocab_size is not None:
         if teacher_logits.shape[-1] < vocab_size or student_logits.shape[-1] < vocab_size:
             raise ValueError(
@@ -296,6 +310,8 @@ def scrg_round(
     generation_config,
     eos_token_ids,
     pad_token_id: int,
+    error_rule: str = "max_divergence",
+    reject_ratio: float = 0.1,
     kl_direction: str = "forward",
     teacher_token: str = "greedy",
     allow_eos: bool = True,
@@ -307,6 +323,10 @@ def scrg_round(
     chunk_size: int = 1024,
 ) -> SCRGResult:
     """One SCRG round (see `scrg_revise`); `num_corrections` is 0 or 1."""
+    if error_rule not in ("max_divergence", "first_rejected"):
+        raise ValueError(f"scrg: error_rule must be 'max_divergence' or 'first_rejected', got {error_rule!r}.")
+    if not 0.0 < reject_ratio < 1.0:
+        raise ValueError(f"scrg: reject_ratio must be in (0, 1), got {reject_ratio!r}.")
     if kl_direction not in ("forward", "reverse"):
         raise ValueError(f"scrg: kl_direction must be 'forward' or 'reverse', got {kl_direction!r}.")
     if teacher_token not in ("greedy", "sample"):
@@ -324,32 +344,40 @@ def scrg_round(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
 
-    # --- 1-2. teacher-forced logits, D_i and t_i ------------------------------------------------------------------
+    # --- 1-2. teacher-forced logits, D_i, t_i and the teacher's verdict on y_i ------------------------------------
+    needs_student = error_rule == "max_divergence"
     if L > 0:
-        with torch.no_grad(), _eval_mode(teacher, student if student_logits is None else None):
+        with torch.no_grad(), _eval_mode(teacher, student if needs_student and student_logits is None else None):
             t_logits = _completion_logits(teacher, input_ids, attention_mask, L)
-            if student_logits is None:
-                s_logits = _completion_logits(student, input_ids, attention_mask, L)
-            else:
-                s_logits = student_logits[:, :L]
+            s_logits = None
+            if needs_student:
+                s_logits = (_completion_logits(student, input_ids, attention_mask, L) if student_logits is None
+                            else student_logits[:, :L])
             t_logits, s_logits = _check_vocab(t_logits, s_logits, vocab_size)
-            D, t = _differences(
-                t_logits, s_logits, kl_direction=kl_direction, teacher_token=teacher_token, generator=generator,
-                chunk_size=chunk_size,
+            D, t, gap = _differences(
+                t_logits, s_logits, completion_ids, kl_direction=kl_direction, teacher_token=teacher_token,
+                generator=generator, chunk_size=chunk_size,
             )
             del t_logits, s_logits
-        D, t = D.to(device), t.to(device)
+        t, gap = t.to(device), gap.to(device)
+        D = D.to(device) if D is not None else -gap  # first_rejected: the recorded divergence is -log p ratio
     else:
         D = torch.zeros(B, 0, device=device)
+        gap = torch.zeros(B, 0, device=device)
         t = torch.zeros(B, 0, dtype=torch.long, device=device)
 
     # --- 3. error position -----------------------------------------------------------------------------------------
     candidates = (completion_ids != t) & completion_mask.bool()
+    if error_rule == "first_rejected":
+        candidates &= gap < math.log(reject_ratio)
     if not allow_eos and eos is not None:
         candidates &= ~torch.isin(t, eos)
     corrected = candidates.any(dim=1)
-    masked_D = D.masked_fill(~candidates, float("-inf"))
-    j = masked_D.argmax(dim=1) if L > 0 else torch.zeros(B, dtype=torch.long, device=device)
+    if error_rule == "first_rejected":
+        j = candidates.to(torch.int8).argmax(dim=1) if L > 0 else torch.zeros(B, dtype=torch.long, device=device)
+    else:
+        masked_D = D.masked_fill(~candidates, float("-inf"))
+        j = masked_D.argmax(dim=1) if L > 0 else torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
     t_j = t[rows, j] if L > 0 else unchanged_long.clone()
     D_j = D[rows, j] if L > 0 else torch.zeros(B, device=device)
@@ -479,6 +507,8 @@ def scrg_revise(
     eos_token_ids: int | Iterable[int] | None,
     pad_token_id: int,
     rounds: int = 1,
+    error_rule: str = "max_divergence",
+    reject_ratio: float = 0.1,
     kl_direction: str = "forward",
     teacher_token: str = "greedy",
     allow_eos: bool = True,
@@ -502,6 +532,11 @@ def scrg_revise(
         eos_token_ids: end token id(s) (int, list or None).
         pad_token_id: id written on padding (may equal an end token: masks decide, never ids).
         rounds: correction rounds (0 returns the input unchanged); each round revises the previous round's output.
+        error_rule: which position is the error. `"max_divergence"` (the paper): `argmax_i D_i` over positions whose
+            token differs from the teacher's; `"first_rejected"`: the first position whose token the teacher
+            rejects, `p_teacher(y_i) < reject_ratio * max_v p_teacher(v)` (no student forward; rows the teacher
+            accepts whole are left unchanged; the recorded divergence is `log(max p / p(y_j))`).
+        reject_ratio: threshold of `"first_rejected"`, in (0, 1).
         kl_direction: `"forward"`: `D_i = KL(p_teacher || q_student)`; `"reverse"`: `KL(q_student || p_teacher)`.
         teacher_token: `"greedy"` (teacher argmax) or `"sample"` (a sample from the teacher, drawn with `generator`).
         allow_eos: whether an end token may be the correction; if False, positions whose teacher token is an end
@@ -549,6 +584,8 @@ def scrg_revise(
             generation_config=generation_config,
             eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
+            error_rule=error_rule,
+            reject_ratio=reject_ratio,
             kl_direction=kl_direction,
             teacher_token=teacher_token,
             allow_eos=allow_eos,

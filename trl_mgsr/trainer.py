@@ -309,7 +309,8 @@ class MGSRTrainer(GKDTrainer):
         pad, eos = self.processing_class.pad_token_id, generation_config.eos_token_id
         use_scrg = self.args.scrg_rounds > 0
         sampling_config = copy.deepcopy(generation_config)
-        sampling_config.update(return_dict_in_generate=True, output_logits=use_scrg)
+        sampling_config.update(return_dict_in_generate=True,
+                               output_logits=use_scrg and self.args.scrg_error == "max_divergence")
         out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=sampling_config)
         completion_ids, completion_mask = completion_from_generate(out.sequences, prompts.shape[1], eos)
         if use_scrg:
@@ -325,6 +326,8 @@ class MGSRTrainer(GKDTrainer):
                 eos_token_ids=eos,
                 pad_token_id=pad,
                 rounds=self.args.scrg_rounds,
+                error_rule=self.args.scrg_error,
+                reject_ratio=self.args.scrg_reject_ratio,
                 kl_direction=self.args.scrg_kl_direction,
                 teacher_token=self.args.scrg_teacher_token,
                 allow_eos=self.args.scrg_allow_eos_correction,
