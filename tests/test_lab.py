@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_mgsr.lab.models import ModelSettings, eval_rows, held_out_prompts, train_rows
+from trl_mgsr.lab.models import ModelSettings, build_lab_tokenizer, eval_rows, held_out_prompts, train_rows
+from trl_mgsr.lab.runner import SHIPPED, prepare_models
 from trl_mgsr.lab.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,40 @@ def test_cache_keys_follow_the_settings():
     other_student = ModelSettings(student_hidden=64)
     assert other_student.teacher_key() == base.teacher_key() and other_student.key() != base.key()
     assert ModelSettings(teacher_steps=10).teacher_key() != base.teacher_key()
+
+
+def test_the_shipped_teacher_is_the_default_settings_teacher_and_is_good():
+    """The package ships the teacher of `ModelSettings()` (the lab's and the demo's); a change to the tasks or the
+    settings changes its key, and this test says the shipped copy must be retrained (see trl_mgsr/assets/README.md)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_mgsr.lab.metrics import evaluate_student
+
+    settings = ModelSettings()
+    path = Path(SHIPPED) / f"teacher-{settings.teacher_key()}"
+    assert (path / "lab.json").is_file(), f"no shipped teacher for the default settings at {path}: retrain it"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.get_vocab() == build_lab_tokenizer(settings).get_vocab()  # a student built here fits it
+    teacher = AutoModelForCausalLM.from_pretrained(path).eval()
+    rows = {task: r[:12] for task, r in eval_rows(settings).items()}
+    scores = evaluate_student(teacher, teacher, tokenizer, rows, samples=1, seed=0, max_new_tokens=32)
+    assert all(s["greedy"] >= 0.9 for s in scores.values()), scores
+
+
+def test_prepare_models_reuses_a_shipped_model_and_its_tokenizer(tmp_path):
+    settings = ModelSettings(teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8,
+                             student_layers=1, init_steps=1, eval_prompts=4)
+    quiet_log = []
+    first = prepare_models(settings, str(tmp_path / "shipped"), log=quiet_log.append, shipped_root=None)
+    assert not first["teacher_meta"]["reused"]
+    again = prepare_models(settings, str(tmp_path / "cache"), log=quiet_log.append, shipped_root=tmp_path / "shipped")
+    assert again["teacher"] == first["teacher"] and again["teacher_meta"]["shipped"]
+    assert again["student_init"] == first["student_init"] and again["student_init_meta"]["shipped"]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing was trained
+    other_student = prepare_models(ModelSettings(**{**settings.__dict__, "student_hidden": 12}), str(tmp_path / "cache"),
+                                   log=quiet_log.append, shipped_root=tmp_path / "shipped")
+    assert other_student["teacher_meta"]["shipped"] and not other_student["student_init_meta"]["reused"]
+    assert "reusing the shipped teacher" in "\n".join(quiet_log)
 
 
 @pytest.mark.slow

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from .models import ModelSettings, build_lab_tokenizer, eval_rows, fit, fresh_rows, train_rows
 from .tasks import to_messages
 
+#: Trained models shipped with the package (`<role>-<key>/`, see `trl_mgsr/assets/README.md`).
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "lab")
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -55,18 +58,25 @@ def quiet():
         hf_logging.enable_progress_bar()
 
 
-def prepare_models(settings: ModelSettings, cache_root: str, log=print) -> dict:
+def prepare_models(settings: ModelSettings, cache_root: str, log=print,
+                   shipped_root: str | os.PathLike | None = SHIPPED) -> dict:
     """Train the teacher and the initial student, or reuse them from `cache_root` (the teacher is keyed by its own
     settings, the initial student by the whole `settings`, so another student size reuses the teacher).
 
+    A model not in `cache_root` is looked up in `shipped_root` (the package ships the teacher of the default
+    `ModelSettings()`, `trl_mgsr/assets/lab/`, so that neither the lab nor the demo has to train it) before it is
+    trained. A reused teacher brings its own tokenizer, which the initial student is then built with.
+
     Returns `{"teacher", "student_init"}` (model directories, tokenizer included) and, per model, its training
-    seconds the first time, its parameter count and whether it was reused.
+    seconds the first time, its parameter count, whether it was reused and whether it was the shipped copy.
     """
     import torch
+    from transformers import AutoTokenizer
 
     from ..testing import build_llama
 
-    tokenizer = build_lab_tokenizer(settings)
+    teacher_dir = _find(f"teacher-{settings.teacher_key()}", cache_root, shipped_root)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if teacher_dir else build_lab_tokenizer(settings)
     info = {}
     for role, key, hidden, layers, steps, lr, seed in (
         ("teacher", settings.teacher_key(), settings.teacher_hidden, settings.teacher_layers, settings.teacher_steps,
@@ -75,13 +85,15 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print) -> dict:
          settings.init_lr, settings.seed),
     ):
         path = os.path.join(cache_root, f"{role}-{key}")
-        meta_path = os.path.join(path, "lab.json")
-        if os.path.isfile(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
+        found = _find(f"{role}-{key}", cache_root, shipped_root)
+        if found:
+            with open(os.path.join(found, "lab.json"), encoding="utf-8") as f:
                 meta = json.load(f)
-            log(f"models: reusing the {role.replace('_', ' ')} in {path} (trained in {meta['seconds']:.0f} s)")
-            info[role] = path
-            info[f"{role}_meta"] = {**meta, "reused": True}
+            shipped = found != path
+            log(f"models: reusing the {'shipped ' if shipped else ''}{role.replace('_', ' ')} in {found} "
+                f"(trained in {meta['seconds']:.0f} s)")
+            info[role] = found
+            info[f"{role}_meta"] = {**meta, "reused": True, "shipped": shipped}
             continue
         model = build_llama(tokenizer, hidden, layers, seed=seed)
         log(f"models: training the {role.replace('_', ' ')} ({_count(model) / 1e6:.2f}M parameters, {steps} steps)")
@@ -92,12 +104,20 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print) -> dict:
         meta = {"seconds": time.perf_counter() - start, "parameters": _count(model), "steps": steps}
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        with open(meta_path, "w", encoding="utf-8") as f:
+        with open(os.path.join(path, "lab.json"), "w", encoding="utf-8") as f:
             json.dump({**meta, "settings": asdict(settings)}, f, indent=2)
         log(f"models: {role.replace('_', ' ')} trained in {meta['seconds']:.0f} s, cached in {path}")
         info[role] = path
-        info[f"{role}_meta"] = {**meta, "reused": False}
+        info[f"{role}_meta"] = {**meta, "reused": False, "shipped": False}
     return info
+
+
+def _find(name: str, *roots: str | os.PathLike | None) -> str | None:
+    """The first `root/name` that holds a finished model (its `lab.json` is written last), or None."""
+    for root in roots:
+        if root is not None and os.path.isfile(os.path.join(root, name, "lab.json")):
+            return os.path.join(root, name)
+    return None
 
 
 def _count(model) -> int:
