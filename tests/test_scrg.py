@@ -129,6 +129,8 @@ def greedy(max_new_tokens, pad=PAD, eos=EOS, **kw):
 
 
 def revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, pad=PAD, eos=EOS, **kw):
+    """`scrg_revise` with greedy re-generation; the paper's error rule unless the test names another."""
+    kw.setdefault("error_rule", "max_divergence")
     return scrg_revise(
         student, teacher, pid, pm, cid, cm,
         generation_config=kw.pop("generation_config", None) or greedy(max_new_tokens, pad=pad, eos=eos),
@@ -681,6 +683,7 @@ def test_tiny_llama_end_to_end(peft, same_pad_and_eos):
     res = scrg_revise(
         student, teacher, enc["input_ids"], enc["attention_mask"], cid, cm,
         generation_config=gen, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, rounds=2,
+        error_rule="max_divergence",
     )
     check_invariants(res, cid, cm, max_new, eos_ids=(tok.eos_token_id,))
     assert res.corrected.all()  # random tiny models disagree somewhere
