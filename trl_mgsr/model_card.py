@@ -51,8 +51,24 @@ def describe_model(model) -> str:
 
 
 def objective(args) -> str:
-    parts = [f"{args.sft_weight:g} · SFT", f"{args.dac_weight:g} · DAC-KL", f"{args.span_weight:g} · span"]
-    return " + ".join(parts)
+    """The loss, term by term with the formulation each uses (terms of weight 0 left out)."""
+    band = "a learned band" if args.dac_mode == "learned" else f"the fixed band [{args.dac_lo:g}, {args.dac_hi:g}]"
+    parts = [(args.sft_weight, "SFT"),
+             (args.dac_weight, f"DAC-KL ({args.dac_divergence} divergence to the teacher clipped to {band})"),
+             (args.span_weight, f"span ({args.span_objective})")]
+    return " + ".join(f"{w:g} · {name}" for w, name in parts if w) or "no loss term (every weight is 0)"
+
+
+def sequences(args) -> str:
+    """Where the distillation sequences come from and what SCRG does to the student's."""
+    if args.schedule == "adaptive":
+        source = "DistiLLM's adaptive schedule (student samples as the evaluation loss calls for, with replay)"
+    else:
+        other = "the teacher's samples (`seq_kd`)" if args.seq_kd else "the dataset's completions"
+        source = f"student samples with probability `lmbda={args.lmbda:g}`, otherwise {other}"
+    scrg = (f"SCRG revises each student sample ({args.scrg_rounds} round(s), error rule `{args.scrg_error}`)"
+            if args.scrg_rounds else "SCRG off")
+    return f"{source}; {scrg}"
 
 
 def _value(value: Any) -> str:
@@ -77,6 +93,7 @@ def mgsr_section(trainer, dataset_name: str | None = None) -> str:
         f"- **Teacher:** {teacher}",
         f"- **Dataset:** {f'`{dataset_name}`' if dataset_name else 'not recorded'}",
         f"- **Objective:** {objective(args)}",
+        f"- **Sequences:** {sequences(args)}",
         f"- **Training:** {trainer.state.global_step} steps, learning rate {args.learning_rate:g}, "
         f"{args.per_device_train_batch_size} sequences per device x {args.gradient_accumulation_steps} "
         "accumulation steps",
