@@ -11,9 +11,10 @@ print one line,
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from .cli_errors import one_line
 
 USAGE = """usage: trl-mgsr {distill,eval,demo} [options]
 
@@ -22,17 +23,6 @@ commands:
   eval      ROUGE-L evaluation with the MiniLLM/DistiLLM protocol (`trl-mgsr eval --help`)
   demo      offline end-to-end demo: MGSR vs GKD on built-in data (`trl-mgsr demo --help`)
 """
-
-
-class OneLineErrors:
-    """argparse mixin: report a usage error as one line (no usage dump) and exit with status 2."""
-
-    def error(self, message):  # noqa: D102 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class OneLineErrorParser(OneLineErrors, argparse.ArgumentParser):
-    pass
 
 
 def _demo(argv: list[str]) -> int:
@@ -56,13 +46,6 @@ def _distill(argv: list[str]) -> int:
 COMMANDS = {"distill": _distill, "eval": _eval, "demo": _demo}
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
-        text = f"{text}: {err.filename}"
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -80,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, KeyError, FloatingPointError) as err:
         if os.environ.get("TRL_MGSR_TRACEBACK"):
             raise
-        print(f"trl-mgsr {command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"trl-mgsr {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

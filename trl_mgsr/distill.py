@@ -30,7 +30,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from . import guards, runtime
 from ._trl import GKDConfig
-from .cli import OneLineErrors
+from .cli_errors import OneLineErrors
 from .config import MGSRConfig
 from .evaluation import DATA_FILE_SUFFIXES, SAVED_DATASET_FILES, quiet_datasets, render_prompt
 

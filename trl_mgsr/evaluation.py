@@ -450,7 +450,7 @@ def write_results(result: EvalResult, output_dir: str, **extra) -> dict[str, str
 
 
 def build_parser(prog: str = "trl-mgsr eval"):
-    from .cli import OneLineErrorParser
+    from .cli_errors import OneLineErrorParser
 
     parser = OneLineErrorParser(
         prog=prog,

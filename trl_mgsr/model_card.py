@@ -78,7 +78,7 @@ def _value(value: Any) -> str:
 
 def mgsr_section(trainer, dataset_name: str | None = None) -> str:
     """Markdown: the MGSR distillation section of the card."""
-    from . import __version__
+    from ._version import __version__
 
     args = trainer.args
     teacher = args.teacher_model_name_or_path
