@@ -26,11 +26,11 @@ python examples/mgsr.py \
     --use_peft --lora_r 32 --lora_alpha 16 --merge_adapter \
     --output_dir Qwen2.5-0.5B-MGSR-LoRA
 
-# Offline on CPU, with the tiny models `trl-mgsr demo` saves (run the demo first); without --dataset_name the
-# script trains on the rows shipped in the package (trl_mgsr/assets/dolly_mini.jsonl); one torch thread by default
-# for such tiny models (--threads N to change it):
+# Offline on CPU, with the tiny English models `trl-mgsr demo --dolly --output_dir mgsr-dolly` saves (run it
+# first); without --dataset_name the script trains on the rows shipped in the package
+# (trl_mgsr/assets/dolly_mini.jsonl); one torch thread by default for such tiny models (--threads N to change it):
 python examples/mgsr.py \
-    --model_name_or_path mgsr-demo/student-init --teacher_model_name_or_path mgsr-demo/teacher \
+    --model_name_or_path mgsr-dolly/student-init --teacher_model_name_or_path mgsr-dolly/teacher \
     --max_steps 20 --per_device_train_batch_size 4 --max_new_tokens 32 --max_length 256 \
     --learning_rate 1e-3 --bf16 false --gradient_checkpointing false --report_to none \
     --output_dir mgsr-example

@@ -4,11 +4,11 @@
 The TRL-flag route is `examples/mgsr.py --use_peft --lora_r 32 --lora_alpha 16 --merge_adapter` (or
 `trl-mgsr distill` with the same flags); this script shows the same thing written out in Python.
 
-# Offline on CPU, with the tiny models `trl-mgsr demo` saves (run the demo first), on the rows shipped in the
-# package (the default --train_file, trl_mgsr/assets/dolly_mini.jsonl); one torch thread by default for such tiny
-# models (--threads N to change it):
+# Offline on CPU, with the tiny English models `trl-mgsr demo --dolly --output_dir mgsr-dolly` saves (run it
+# first), on the rows shipped in the package (the default --train_file, trl_mgsr/assets/dolly_mini.jsonl); one torch
+# thread by default for such tiny models (--threads N to change it):
 python examples/mgsr_lora.py \
-    --student mgsr-demo/student-init --teacher mgsr-demo/teacher \
+    --student mgsr-dolly/student-init --teacher mgsr-dolly/teacher \
     --max_steps 20 --learning_rate 5e-3 --output_dir mgsr-lora
 
 # GPU, Hub models (../shared/data is the MiniLLM data of this project's workspace, not part of the repository; any

@@ -244,10 +244,10 @@ def run_demo(output_dir: str = "mgsr-demo", settings: DemoSettings | None = None
 
 def _run(output_dir: str, s: DemoSettings, seed: int, log) -> dict:
     from transformers import set_seed
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
+    from ._trl import GKDConfig, GKDTrainer
     from .config import MGSRConfig
     from .evaluation import EvalSet, completion_loss, evaluate
+    from .reporting import save_results
     from .testing import build_llama, build_tokenizer
     from .trainer import MGSRTrainer
 
@@ -319,11 +319,7 @@ def _run(output_dir: str, s: DemoSettings, seed: int, log) -> dict:
     results = {"settings": asdict(s), "seed": seed, "rows": rows, "mgsr_terms": terms,
                "curves": {k: v for k, v in curves.items()}, "teacher_curve": teacher_curve,
                "training_loss": train_logs, "plot": png, "student": mgsr.args.output_dir}
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    log(f"Distilled student (MGSR) saved with its model card to {mgsr.args.output_dir}")
+    save_results(output_dir, results, table, mgsr, log)
     log("Reproduce a ROUGE-L row with `trl-mgsr eval` (same prompts, seeds, batch size and length), e.g.:")
     log(eval_command(os.path.join(output_dir, "student-mgsr"), output_dir, s))
     clock("done")
