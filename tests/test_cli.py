@@ -334,3 +334,14 @@ def test_default_runs_show_no_deprecation_warning_and_no_progress_flags_hide_eve
         assert "deprecated" not in output and "FutureWarning" not in output, (name, output[-3000:])
         if "quiet" in name:
             assert "it/s]" not in output and "Loading weights" not in output, (name, output[-3000:])
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--dataloader_pin_memory", "true"], True)])
+def test_distill_does_not_pin_memory_on_a_cpu_unless_told(flag, expected, tmp_path):
+    """torch warns at every dataloader when memory is pinned without an accelerator (transformers only turns pinning
+    off with --use_cpu)."""
+    from trl_mgsr.distill import parse_args
+
+    _, training_args, _ = parse_args(["--model_name_or_path", "s", "--teacher_model_name_or_path", "t", "--bf16",
+                                      "false", "--output_dir", str(tmp_path), *flag])
+    assert training_args.dataloader_pin_memory is expected
