@@ -74,32 +74,6 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     return grad.mul_(grad_output.item())
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy over row chunks; the gradient (softmax - one-hot) is computed in forward and stored."""
-
-    @staticmethod
-    def forward(ctx, logits_flat, targets, rows, chunk_size):
-        need_grad = ctx.needs_input_grad[0]
-        grad = row_grad_buffer(logits_flat, rows) if need_grad else None
-        total = torch.zeros((), device=logits_flat.device)
-        for _, r in chunk_rows(rows, chunk_size):
-            work = torch.log_softmax(logits_flat[r], dim=-1, dtype=torch.float32)  # [chunk, V], a new tensor
-            target = targets[r].unsqueeze(-1)
-            total -= work.gather(-1, target).sum()
-            if need_grad:  # softmax - one-hot, in place
-                work.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=torch.float32))
-                write_rows(grad, r, work)
-            del work  # before the next chunk's is allocated
-        if need_grad:
-            ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_total), None, None, None
-
-
 def chunked_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> LossTerm:
     """`sft_loss` (same sum, count and gradient) computed `chunk_size` completion positions at a time.
 
@@ -110,8 +84,7 @@ def chunked_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, chunk_s
     if chunk_size < 1:
         raise ValueError(f"chunked_sft_loss: chunk_size must be >= 1, got {chunk_size}")
     rows = labelled_rows(labels)
-    total = _ChunkedCrossEntropy.apply(
-        student_logits.reshape(-1, student_logits.shape[-1]), labels.reshape(-1), rows, chunk_size)
+    total = -chunked_token_logprobs(student_logits, labels, rows, chunk_size).sum()
     return LossTerm(total=total, num_items=rows.new_tensor(rows.numel()), stats={})
 
 
