@@ -1,11 +1,12 @@
 """The distillation lab: every method from the same student on checkable tasks, several seeds, one run.
 
-    python benchmarks/lab/run.py            # the full grid (about 20 min on 2 CPU cores with cached models)
+    python benchmarks/lab/run.py            # the full grid (14 min on 2 CPU cores, measured)
     python benchmarks/lab/run.py --quick    # a smoke run of the whole pipeline (< 2 min)
 
 Tasks (`trl_mgsr/lab/tasks.py`): `sort` (one correct answer), `pick` (many valid answers), `walk` (24 letters where
-one early mistake spoils the rest). A multi-task teacher and an initial student (short SFT) are trained here and
-cached on disk (`--cache`); every method then distills a copy of that student with the same budget (steps, batch,
+one early mistake spoils the rest). A multi-task teacher (shipped with the package for the default settings,
+`trl_mgsr/assets/lab/`) and an initial student (short SFT) are trained here when not found, and cached on disk
+(`--cache`); every method then distills a copy of that student with the same budget (steps, batch,
 learning rate, `lmbda`, seed) and is evaluated on held-out prompts of each task. Writes `results.json`,
 `results.md` and `lab.png` to `--out`.
 
