@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lmbda", type=float, default=None)
     parser.add_argument("--student_hidden", type=int, default=None, help="Another student size (new initial student).")
     parser.add_argument("--student_layers", type=int, default=None)
+    parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
+                        help="A subset of the tasks (a new teacher and initial student, trained and cached).")
     parser.add_argument("--samples", type=int, default=4, help="Sampled responses per held-out prompt.")
     parser.add_argument("--workers", type=int, default=2, help="Jobs run in parallel, one torch thread each.")
     args = parser.parse_args(argv)
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     settings, budget = (QUICK_MODELS, QUICK_BUDGET) if args.quick else (ModelSettings(), Budget())
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     settings = replace(settings, **{k: v for k, v in (("student_hidden", args.student_hidden),
-                                                       ("student_layers", args.student_layers)) if v})
+                                                       ("student_layers", args.student_layers),
+                                                       ("tasks", tuple(args.tasks or ()))) if v})
     budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate),
                                                    ("lmbda", args.lmbda)) if v is not None})
     tasks = list(settings.tasks)
