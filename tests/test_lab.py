@@ -100,6 +100,22 @@ def test_prepare_models_reuses_a_shipped_model_and_its_tokenizer(tmp_path):
     assert "reusing the shipped teacher" in "\n".join(quiet_log)
 
 
+def test_grid_flags_change_the_settings_and_the_budget():
+    import argparse
+
+    from trl_mgsr.lab.runner import Budget
+
+    sys.path.insert(0, str(REPO / "benchmarks" / "lab"))
+    from run import grid_settings
+
+    flags = dict(quick=False, student_hidden=None, student_layers=None, tasks=None, steps=None, learning_rate=None,
+                 lmbda=None)
+    assert grid_settings(argparse.Namespace(**flags)) == (ModelSettings(), Budget())
+    settings, budget = grid_settings(argparse.Namespace(**{**flags, "tasks": ["walk"], "learning_rate": 5e-4}))
+    assert settings.tasks == ("walk",) and settings.teacher_key() != ModelSettings().teacher_key()
+    assert budget == Budget(learning_rate=5e-4)
+
+
 @pytest.mark.slow
 def test_quick_lab_run(tmp_path):
     out = tmp_path / "results"

@@ -182,6 +182,17 @@ def git_commit() -> str | None:
         return None
 
 
+def grid_settings(args) -> tuple[ModelSettings, Budget]:
+    """The models' settings and the budget of a run: the defaults (or `--quick`'s) with the flags that change them."""
+    settings, budget = (QUICK_MODELS, QUICK_BUDGET) if args.quick else (ModelSettings(), Budget())
+    settings = replace(settings, **{k: v for k, v in (("student_hidden", args.student_hidden),
+                                                       ("student_layers", args.student_layers),
+                                                       ("tasks", tuple(args.tasks or ()))) if v})
+    budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate),
+                                                   ("lmbda", args.lmbda)) if v is not None})
+    return settings, budget
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Tiny models and budget: checks the pipeline only.")
@@ -209,13 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    settings, budget = (QUICK_MODELS, QUICK_BUDGET) if args.quick else (ModelSettings(), Budget())
+    settings, budget = grid_settings(args)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    settings = replace(settings, **{k: v for k, v in (("student_hidden", args.student_hidden),
-                                                       ("student_layers", args.student_layers),
-                                                       ("tasks", tuple(args.tasks or ()))) if v})
-    budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate),
-                                                   ("lmbda", args.lmbda)) if v is not None})
     tasks = list(settings.tasks)
     start = time.perf_counter()
     with quiet():
