@@ -75,17 +75,18 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print,
 
     from ..testing import build_llama
 
-    teacher_dir = _find(f"teacher-{settings.teacher_key()}", cache_root, shipped_root)
+    names = {"teacher": f"teacher-{settings.teacher_key()}", "student_init": f"student_init-{settings.key()}"}
+    found_dirs = {role: _find(name, cache_root, shipped_root) for role, name in names.items()}
+    teacher_dir = found_dirs["teacher"]
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if teacher_dir else build_lab_tokenizer(settings)
     info = {}
-    for role, key, hidden, layers, steps, lr, seed in (
-        ("teacher", settings.teacher_key(), settings.teacher_hidden, settings.teacher_layers, settings.teacher_steps,
-         settings.teacher_lr, settings.seed + 1),
-        ("student_init", settings.key(), settings.student_hidden, settings.student_layers, settings.init_steps,
-         settings.init_lr, settings.seed),
+    for role, hidden, layers, steps, lr, seed in (
+        ("teacher", settings.teacher_hidden, settings.teacher_layers, settings.teacher_steps, settings.teacher_lr,
+         settings.seed + 1),
+        ("student_init", settings.student_hidden, settings.student_layers, settings.init_steps, settings.init_lr,
+         settings.seed),
     ):
-        path = os.path.join(cache_root, f"{role}-{key}")
-        found = _find(f"{role}-{key}", cache_root, shipped_root)
+        path, found = os.path.join(cache_root, names[role]), found_dirs[role]
         if found:
             with open(os.path.join(found, "lab.json"), encoding="utf-8") as f:
                 meta = json.load(f)
