@@ -26,6 +26,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 
+import torch
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from . import guards, runtime
@@ -144,16 +145,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "trl-mgsr distill"):
     *parsed, remaining = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     if remaining:
         raise ValueError(f"unrecognized arguments: {' '.join(remaining)}")
-    training_args = parsed[1]
-    if "--dataloader_pin_memory" not in flags and not _has_accelerator(training_args):
-        training_args.dataloader_pin_memory = False  # on a CPU pinning does nothing but warn at every dataloader
+    if "--dataloader_pin_memory" not in flags and not torch.accelerator.is_available():
+        parsed[1].dataloader_pin_memory = False  # without an accelerator torch warns at every pinned dataloader
     return tuple(parsed)
-
-
-def _has_accelerator(training_args) -> bool:
-    import torch
-
-    return not training_args.use_cpu and (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 # ---------------------------------------------------------------------------------------------- data
