@@ -210,7 +210,7 @@ def run_demo(output_dir: str = "mgsr-demo", quick: bool = False, settings: Model
         "train_seconds": seconds, "validity_curves": curves, "models": models, "plot": png,
         "student": mgsr.args.output_dir, "wall_seconds": time.perf_counter() - start,
     }
-    save_results(output_dir, results, table, mgsr, log)
+    save_results(output_dir, results, table, mgsr.args.output_dir, log)
     clock("done")
     return results
 

@@ -319,7 +319,7 @@ def _run(output_dir: str, s: DemoSettings, seed: int, log) -> dict:
     results = {"settings": asdict(s), "seed": seed, "rows": rows, "mgsr_terms": terms,
                "curves": {k: v for k, v in curves.items()}, "teacher_curve": teacher_curve,
                "training_loss": train_logs, "plot": png, "student": mgsr.args.output_dir}
-    save_results(output_dir, results, table, mgsr, log)
+    save_results(output_dir, results, table, mgsr.args.output_dir, log)
     log("Reproduce a ROUGE-L row with `trl-mgsr eval` (same prompts, seeds, batch size and length), e.g.:")
     log(eval_command(os.path.join(output_dir, "student-mgsr"), output_dir, s))
     clock("done")
