@@ -1,18 +1,31 @@
-"""Training-step time of MGSRTrainer against TRL's GKDTrainer on the same models, data and settings.
+"""Training-step time of MGSRTrainer against TRL's GKDTrainer and DistillationTrainer, with a per-phase profile.
 
-    python benchmarks/bench_step.py [--steps 6] [--quick]
+    python benchmarks/bench_step.py [--steps 20] [--quick] [--device cuda --bf16]
 
-All runs are fully on-policy (`lmbda=1`) with gradient checkpointing at TRL's default (on), in one process, one
-after the other, from the same initial weights:
-- `gkd`: GKDTrainer as shipped (it turns the KV cache off for generation when gradient checkpointing is on);
-- `gkd_cache`: GKDTrainer with the KV cache forced on;
-- `mgsr`: MGSRTrainer with its defaults (SCRG, DAC-KL, span, SFT).
+Models: the lab's teacher (shipped with the package) and its initial student (trained in ~20 s when not cached in
+`benchmarks/lab/cache/`), on the lab's training prompts. A trained teacher matters here: SCRG only corrects where
+the teacher rejects a student token, and a random teacher rejects nothing. Every run is fully on-policy
+(`lmbda=1`), starts from the same student weights, and trains `1 + --steps` steps (the first is a warm-up and is
+not counted); one process, one run after the other:
 
-Per step, besides its total time, the phases (they nest, so they do not add up): `generation` (the on-policy hook:
-sampling, plus SCRG for MGSR), `loss` (`compute_loss`: student and teacher forwards and the loss terms),
-`train_step` (`training_step`: loss plus backward), `teacher` (every teacher forward, SCRG's included) and `spans`
-(span extraction, MGSR only); the optimizer step is the remainder. The first step of each run is a warm-up and is not counted. Writes
-`benchmarks/results/step.json` and prints the ratios MGSR / GKD.
+| run | trainer | gradient checkpointing | KV cache in generation |
+| --- | --- | --- | --- |
+| `gkd` | GKDTrainer as shipped | on (TRL's default) | off (GKD turns it off under checkpointing) |
+| `gkd_cache` | GKDTrainer | on | forced on |
+| `gkd_nogc` | GKDTrainer | off | on |
+| `distillation` | TRL's stable DistillationTrainer (HF generation) | on (its default) | on |
+| `mgsr` | MGSRTrainer defaults | on | on (`generation_use_cache`) |
+| `mgsr_nogc` | MGSRTrainer defaults | off | on |
+| `mgsr_regenerate` | MGSRTrainer, `scrg_continuation="regenerate"` (the paper's SCRG) | on | on |
+
+A step runs from the start of `get_batch_samples` (MGSR generates there) to `on_step_end`. The profile times each
+phase of the step (they nest; `exclusive` columns are not sums): `sampling` (the on-policy `generate`), `scrg`
+(the whole revision), `scrg_teacher` (its teacher forward), `scrg_regenerate` (its `generate`), `student_forward`,
+`sft_forward` (MGSR's second student forward, on the dataset completion), `teacher_forward` (the loss's), each loss
+term (`loss_sft`, `loss_dac_kl`, `loss_span`, `loss_gkd` for GKD's JSD), `band_net` (the band sub-network's
+forward, its own loss and its step), `spans` (span extraction), `backward`, `optimizer`, `metrics` (logging,
+where the host syncs are) and `host_syncs` (calls of `Tensor.item`/`tolist` per step). Writes
+`benchmarks/results/step.json` and prints the ratios and the profile.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,95 +42,207 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-import torch
-from datasets import Dataset
-from transformers import TrainerCallback
-from trl.experimental.gkd import GKDConfig, GKDTrainer
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback  # noqa: E402
 
-import trl_mgsr.trainer as mgsr_trainer_module
-from trl_mgsr import MGSRConfig, MGSRTrainer
-from trl_mgsr.testing import build_llama, build_tokenizer
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a clone without installing
 
-DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly" / "train.jsonl"
-RESULTS = Path(__file__).resolve().parent / "results"
+import trl_mgsr.trainer as mgsr_module  # noqa: E402
+from trl_mgsr import MGSRConfig, MGSRTrainer  # noqa: E402
+from trl_mgsr._trl import GKDConfig, GKDTrainer  # noqa: E402
+from trl_mgsr.lab.models import ModelSettings, train_rows  # noqa: E402
+from trl_mgsr.lab.runner import prepare_models, quiet  # noqa: E402
+from trl_mgsr.lab.tasks import to_messages  # noqa: E402
 
-
-def load_rows(n: int) -> list[dict]:
-    """Dolly rows (`messages` format, which GKDTrainer's collator needs) from ../shared when present; otherwise the
-    package's built-in toy rows (said in the output)."""
-    if DOLLY.is_file():
-        with DOLLY.open() as f:
-            rows = [r for r in map(json.loads, f) if len(r["prompt"]) + len(r["output"]) < 700][:n]  # fit max_length
-        return [{"messages": [{"role": "user", "content": r["instruction"] + ("\n" + r["input"] if r["input"] else "")},
-                              {"role": "assistant", "content": r["output"]}]} for r in rows]
-    from trl_mgsr.testing import toy_rows
-
-    print(f"{DOLLY} not found: using built-in toy rows")
-    return toy_rows(n, "messages")
+RESULTS = HERE / "results"
+RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_regenerate")
+QUICK_MODELS = ModelSettings(teacher_hidden=32, teacher_layers=1, teacher_steps=30, student_hidden=16,
+                             student_layers=1, init_steps=5, eval_prompts=8)
+LOSS_FUNCTIONS = {"chunked_sft_loss": "loss_sft", "chunked_dac_kl_loss": "loss_dac_kl",
+                  "span_loglik_loss": "loss_span", "chunked_span_loss": "loss_span",
+                  "band_features": "band_net", "band_label_loss": "band_net", "span_ids_from_tokens": "spans",
+                  "scrg_revise": "scrg"}
 
 
-class Timer:
-    """Accumulates wall time per phase (phases may nest: see the module docstring)."""
+class Profiler:
+    """Wall time per phase and host-sync count, over one training run.
 
-    def __init__(self):
+    Phases may nest (`scrg` holds `scrg_teacher` and `scrg_regenerate`); `inside` says which phases are open, so a
+    teacher forward is attributed to SCRG or to the loss, and a `generate` to sampling or to re-generation.
+    On CUDA each phase boundary synchronises the device, so phases are timed, not queued.
+    """
+
+    def __init__(self, cuda: bool):
         self.total = defaultdict(float)
+        self.inside: list[str] = []
+        self.cuda = cuda
+        self._undo = []
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
     @contextlib.contextmanager
     def phase(self, name):
+        self._sync()
+        self.inside.append(name)
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._sync()
             self.total[name] += time.perf_counter() - start
+            self.inside.pop()
 
     def wrap(self, obj, attr, name):
+        """Time every call of `obj.attr` as `name` (a callable `name(args, kwargs)` picks the phase per call)."""
         original = getattr(obj, attr)
 
         def timed(*args, **kwargs):
-            with self.phase(name):
+            with self.phase(name(args, kwargs) if callable(name) else name):
                 return original(*args, **kwargs)
 
         setattr(obj, attr, timed)
+        self._undo.append(lambda: setattr(obj, attr, original))
+
+    def count_host_syncs(self):
+        """Count `Tensor.item` and `Tensor.tolist` calls (each one waits for the device)."""
+        for attr in ("item", "tolist"):
+            original = getattr(torch.Tensor, attr)
+
+            def counted(self_, *args, _original=original, **kwargs):
+                self.total["host_syncs"] += 1
+                return _original(self_, *args, **kwargs)
+
+            setattr(torch.Tensor, attr, counted)
+            self._undo.append(lambda attr=attr, original=original: setattr(torch.Tensor, attr, original))
+
+    def undo(self):
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
 
 
 class StepClock(TrainerCallback):
-    """A step runs from the start of `get_batch_samples` (MGSR generates there, GKD in `training_step`) to
-    `on_step_end`, so both trainers' steps include their generation."""
+    """Per step: wall time from `get_batch_samples` to `on_step_end`, and each phase's share of it."""
 
-    def __init__(self, timer):
-        self.timer, self.steps = timer, []
+    def __init__(self, profiler: Profiler):
+        self.profiler, self.steps = profiler, []
+        self._start, self._snapshot = None, {}
 
     def begin(self):
-        self._start = time.perf_counter()
-        self.snapshot = dict(self.timer.total)
+        if self._start is None:  # several calls within one step (evaluation) keep the first
+            self.profiler._sync()
+            self._start = time.perf_counter()
+            self._snapshot = dict(self.profiler.total)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._opt_start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.profiler._sync()
+        self.profiler.total["optimizer"] += time.perf_counter() - self._opt_start
 
     def on_step_end(self, args, state, control, **kwargs):
-        phases = {k: v - self.snapshot.get(k, 0.0) for k, v in self.timer.total.items()}
+        self.profiler._sync()
+        phases = {k: v - self._snapshot.get(k, 0.0) for k, v in self.profiler.total.items()}
         self.steps.append({"step": time.perf_counter() - self._start, **phases})
+        self._start = None
 
 
-def run(kind: str, tokenizer, rows, student_state, teacher, args_kwargs, steps: int) -> dict:
-    student = build_llama(tokenizer, **args_kwargs.pop("student_shape"))
-    student.load_state_dict(student_state)
-    config_cls, trainer_cls = (MGSRConfig, MGSRTrainer) if kind == "mgsr" else (GKDConfig, GKDTrainer)
-    config = config_cls(f"/tmp/bench_step_{kind}", max_steps=steps + 1, **args_kwargs)
-    timer = Timer()
-    clock = StepClock(timer)
+def instrument(trainer, kind: str, profiler: Profiler) -> None:
+    """Hook the profiler's phases into one trainer (and, for MGSR, into the trainer module's functions)."""
+    profiler.wrap(trainer.model, "generate",
+                  lambda a, k: "scrg_regenerate" if "scrg" in profiler.inside else "sampling")
+    teacher = trainer.teacher_model
+
+    def teacher_phase():
+        return "scrg_teacher" if "scrg" in profiler.inside else "teacher_forward"
+
+    starts = []
+    teacher.register_forward_pre_hook(lambda *a: starts.append((teacher_phase(), _now(profiler))))
+
+    def forward_done(*a):
+        name, start = starts.pop()
+        if name is not None:
+            profiler.total[name] += _now(profiler) - start
+
+    teacher.register_forward_hook(forward_done)
+    profiler.wrap(trainer.accelerator, "backward", "backward")
+    if kind.startswith("gkd"):
+        profiler.wrap(trainer, "generalized_jsd_loss", "loss_gkd")
+    student_calls = []  # the student's forwards in the current `compute_loss`: the second is MGSR's SFT forward
+
+    def student_phase():
+        if any(p in profiler.inside for p in ("sampling", "scrg")):
+            return None  # a generation step, timed with its phase
+        student_calls.append(None)
+        return "sft_forward" if kind.startswith("mgsr") and len(student_calls) == 2 else "student_forward"
+
+    trainer.model.register_forward_pre_hook(lambda *a: starts.append((student_phase(), _now(profiler))))
+    trainer.model.register_forward_hook(forward_done)
+    original_compute_loss = trainer.compute_loss
+
+    def compute_loss(*a, **k):
+        student_calls.clear()
+        return original_compute_loss(*a, **k)
+
+    trainer.compute_loss = compute_loss
+    if kind.startswith("mgsr"):
+        for function, phase in LOSS_FUNCTIONS.items():
+            profiler.wrap(mgsr_module, function, phase)
+        for method in ("_log_terms", "_log_scrg"):
+            profiler.wrap(trainer, method, "metrics")
+        if trainer.dac_band_net is not None:
+            profiler.wrap(trainer, "_finish_band_step", "band_net")
+            profiler.wrap(trainer, "_sync_band_gradients", "band_net")
+            trainer.dac_band_net.register_forward_pre_hook(lambda *a: starts.append(("band_net", _now(profiler))))
+            trainer.dac_band_net.register_forward_hook(forward_done)
+
+
+def _now(profiler: Profiler) -> float:
+    profiler._sync()
+    return time.perf_counter()
+
+
+def build_trainer(kind: str, models: dict, tokenizer, rows: list[dict], opts, callbacks):
+    """One of `RUNS`, on fresh copies of the teacher and the initial student."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    student = AutoModelForCausalLM.from_pretrained(models["student_init"], dtype=dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=dtype)
+    common = dict(output_dir=f"/tmp/bench_step_{kind}", max_steps=opts.steps + 1, report_to="none",
+                  use_cpu=opts.device == "cpu", bf16=opts.bf16, per_device_train_batch_size=opts.batch_size,
+                  learning_rate=2e-3, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+                  gradient_checkpointing=not kind.endswith("_nogc"))
+    if kind == "distillation":
+        config = DistillationConfig(**common, max_completion_length=opts.max_new_tokens, beta=0.5)
+        dataset = Dataset.from_list([{"prompt": r["messages"][:1]} for r in rows])
+        return DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                                   processing_class=tokenizer, callbacks=callbacks)
+    config_cls, trainer_cls = (MGSRConfig, MGSRTrainer) if kind.startswith("mgsr") else (GKDConfig, GKDTrainer)
+    extra = {"scrg_continuation": "regenerate"} if kind == "mgsr_regenerate" else {}
+    config = config_cls(**common, **extra, lmbda=1.0, max_new_tokens=opts.max_new_tokens, max_length=128)
     trainer = trainer_cls(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[clock])
+                          processing_class=tokenizer, callbacks=callbacks)
     if kind == "gkd_cache":
         trainer.generation_config.use_cache = True
         trainer.generation_kwargs["use_cache"] = True
-    # Generation: GKD samples inside training_step, MGSR inside get_batch_samples; both call this hook.
-    timer.wrap(trainer, "generate_on_policy_outputs", "generation")
-    timer.wrap(trainer, "compute_loss", "loss")
-    timer.wrap(trainer, "training_step", "train_step")
-    handle_pre = trainer.teacher_model.register_forward_pre_hook(lambda *a: timer.total.__setitem__(
-        "_teacher_start", time.perf_counter()))
-    handle_post = trainer.teacher_model.register_forward_hook(lambda *a: timer.total.__setitem__(
-        "teacher", timer.total["teacher"] + time.perf_counter() - timer.total["_teacher_start"]))
-    if kind == "mgsr" and hasattr(mgsr_trainer_module, "span_ids_from_tokens"):
-        timer.wrap(mgsr_trainer_module, "span_ids_from_tokens", "spans")
+    return trainer
+
+
+def run(kind: str, models: dict, tokenizer, rows: list[dict], opts) -> dict:
+    """Train one run; the mean of each phase over the measured steps, the wall time of `train()` and the SCRG
+    correction rate (MGSR)."""
+    profiler = Profiler(cuda=opts.device == "cuda")
+    clock = StepClock(profiler)
+    torch.manual_seed(0)
+    trainer = build_trainer(kind, models, tokenizer, rows, opts, [clock])
+    trainer.remove_callback(PrinterCallback)
+    instrument(trainer, kind, profiler)
     original = trainer.get_batch_samples
 
     def clocked_batches(*a, **k):
@@ -124,48 +250,75 @@ def run(kind: str, tokenizer, rows, student_state, teacher, args_kwargs, steps: 
         return original(*a, **k)
 
     trainer.get_batch_samples = clocked_batches
-    trainer.train()
-    handle_pre.remove(), handle_post.remove()
+    profiler.count_host_syncs()
+    start = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        profiler.undo()
+    train_seconds = time.perf_counter() - start
     measured = clock.steps[1:]  # drop the warm-up step
-    keys = sorted({k for s in measured for k in s if not k.startswith("_")})
+    keys = sorted({k for s in measured for k in s})
     mean = {k: sum(s.get(k, 0.0) for s in measured) / len(measured) for k in keys}
-    return mean
+    logs = [e for e in trainer.state.log_history if "mgsr/scrg_corrected_frac" in e]
+    extra = {"train_seconds": train_seconds}
+    if logs:
+        extra["scrg_corrected_frac"] = sum(e["mgsr/scrg_corrected_frac"] for e in logs) / len(logs)
+    return {"seconds_per_step": mean, **extra}
 
 
-def main():
+def table(results: dict) -> str:
+    """Markdown: one column per run, one row per phase (seconds per step)."""
+    kinds = list(results)
+    phases = ["step"] + sorted({p for r in results.values() for p in r["seconds_per_step"]} - {"step", "host_syncs"})
+    lines = ["| phase | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    for phase in phases + ["host_syncs"]:
+        cells = []
+        for kind in kinds:
+            value = results[kind]["seconds_per_step"].get(phase)
+            cells.append("-" if value is None else (f"{value:.0f}" if phase == "host_syncs" else f"{value:.3f}"))
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="Measured steps per run (after one warm-up step).")
-    parser.add_argument("--quick", action="store_true", help="Tiny models and 2 steps (smoke check).")
-    opts = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    rows = load_rows(256)
-    tokenizer = build_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=2048)
-    student_shape = dict(hidden_size=32, num_layers=2) if opts.quick else dict(hidden_size=128, num_layers=4)
-    teacher = build_llama(tokenizer, **(dict(hidden_size=64, num_layers=2) if opts.quick else
-                                         dict(hidden_size=256, num_layers=6)), seed=1)
-    student_state = build_llama(tokenizer, **student_shape).state_dict()
-    steps = 2 if opts.quick else opts.steps
-    common = dict(bf16=False, use_cpu=True, report_to="none", per_device_train_batch_size=4, lmbda=1.0,
-                  max_new_tokens=16 if opts.quick else 64, max_length=256, logging_steps=1, save_strategy="no",
-                  learning_rate=1e-4, disable_tqdm=True)
+    parser.add_argument("--steps", type=int, default=20, help="Measured steps per run (after one warm-up step).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--bf16", action="store_true", help="Models and training in bfloat16 (GPU check).")
+    parser.add_argument("--cache", default=str(HERE / "lab" / "cache"), help="Lab model cache.")
+    parser.add_argument("--out", default=str(RESULTS / "step.json"))
+    parser.add_argument("--quick", action="store_true", help="Tiny models, 2 steps (smoke check).")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.steps, opts.batch_size, opts.max_new_tokens = 2, 4, 8
+    if opts.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    settings = QUICK_MODELS if opts.quick else ModelSettings()
+    models = prepare_models(settings, opts.cache)
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    rows = [to_messages(r) for r in train_rows(settings, (opts.steps + 1) * opts.batch_size, "bench")]
     results = {}
-    for kind in ("gkd", "gkd_cache", "mgsr"):
-        results[kind] = run(kind, tokenizer, rows, student_state, teacher,
-                            {**common, "student_shape": student_shape}, steps)
-        print(kind, {k: round(v, 3) for k, v in results[kind].items()})
-    ratios = {
-        "mgsr_over_gkd": results["mgsr"]["step"] / results["gkd"]["step"],
-        "mgsr_over_gkd_cache": results["mgsr"]["step"] / results["gkd_cache"]["step"],
-    }
-    if "spans" in results["mgsr"]:
-        ratios["span_share_of_mgsr_step"] = results["mgsr"]["spans"] / results["mgsr"]["step"]
-    report = {"settings": {**common, "student": student_shape, "steps": steps, "threads": torch.get_num_threads(),
-                           "data": str(DOLLY) if DOLLY.is_file() else "toy"},
-              "seconds_per_step": results, "ratios": ratios}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "step.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(ratios, indent=2))
+    with quiet():
+        for kind in opts.runs:
+            results[kind] = run(kind, models, tokenizer, rows, opts)
+            print(kind, f"{results[kind]['seconds_per_step']['step']:.3f} s/step", flush=True)
+    step = {k: r["seconds_per_step"]["step"] for k, r in results.items()}
+    ratios = {f"{a}_over_{b}": step[a] / step[b] for a, b in (
+        ("mgsr", "gkd"), ("mgsr", "gkd_cache"), ("mgsr_nogc", "gkd_nogc"), ("mgsr", "distillation"),
+        ("mgsr_nogc", "distillation"), ("mgsr_regenerate", "gkd")) if a in step and b in step}
+    report = {"settings": {**{k: v for k, v in vars(opts).items() if k != "out"}, "threads": torch.get_num_threads(),
+                           "torch": torch.__version__},
+              "results": results, "ratios": ratios}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(report, indent=2))
+    print(table(results))
+    print(json.dumps({**ratios, **{f"{k}_scrg_corrected_frac": r["scrg_corrected_frac"] for k, r in results.items()
+                                  if "scrg_corrected_frac" in r}}, indent=2))
+    return report
 
 
 if __name__ == "__main__":
