@@ -17,6 +17,9 @@ def test_objective_names_each_terms_formulation_and_leaves_out_zero_weights(tmp_
 def test_sequences_say_where_samples_come_from_and_what_scrg_does(tmp_path):
     text = sequences(tiny_args(MGSRConfig, tmp_path, lmbda=0.5))
     assert "`lmbda=0.5`" in text and "dataset's completions" in text and "error rule `first_rejected`" in text
+    assert "the sample ends at the correction" in sequences(tiny_args(MGSRConfig, tmp_path, scrg_continuation="stop"))
+    assert "the student re-generates the rest" in sequences(
+        tiny_args(MGSRConfig, tmp_path, scrg_continuation="regenerate"))
     text = sequences(tiny_args(MGSRConfig, tmp_path, lmbda=0.5, seq_kd=True, scrg_rounds=0))
     assert "teacher's samples (`seq_kd`)" in text and text.endswith("SCRG off")
     assert sequences(tiny_args(MGSRConfig, tmp_path, schedule="adaptive")).startswith("DistiLLM's adaptive schedule")

@@ -253,6 +253,44 @@ def test_first_rejected_leaves_accepted_rows_alone_and_needs_no_student_forward(
     check_invariants(res, cid, cm, 8)
 
 
+def test_stop_continuation_ends_corrected_rows_at_the_correction_without_generating():
+    student, teacher = make_pair(h=H_REJECT)
+    pid, pm, cid, cm = batch([PROMPT, PROMPT], [REJECT_COMPLETION, [25, 26, EOS, PAD, PAD]], lengths=[5, 3])
+    regenerated = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected")
+    student.generate = lambda *a, **k: pytest.fail("'stop' must not generate")
+
+    res = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected",
+                 continuation="stop", always_generate=True)
+
+    j = int(res.error_pos[0])
+    assert res.corrected.tolist() == [True, False] and j == int(regenerated.error_pos[0])  # same decisions
+    assert row_tokens(res.completion_ids, res.completion_mask, 0) == row_tokens(
+        regenerated.completion_ids, regenerated.completion_mask, 0)[: j + 1]  # y_<j + [t_j], nothing after
+    assert row_tokens(res.completion_ids, res.completion_mask, 1) == [25, 26, EOS]
+    assert res.regen_len.tolist() == [0, 0]
+    again = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected",
+                   continuation="stop", rounds=2)
+    assert torch.equal(again.completion_ids, res.completion_ids)  # a second round finds nothing left to correct
+    with pytest.raises(ValueError, match="continuation"):
+        revise(student, teacher, pid, pm, cid, cm, error_rule="first_rejected", continuation="truncate")
+
+
+@pytest.mark.parametrize("continuation", ["regenerate", "stop"])
+def test_kept_teacher_logits_predict_the_revised_rows_up_to_teacher_valid(continuation):
+    student, teacher = make_pair(h=H_REJECT)
+    pid, pm, cid, cm = batch([PROMPT, PROMPT], [REJECT_COMPLETION, [25, 26, EOS, PAD, PAD]], lengths=[5, 3])
+    res = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected",
+                 continuation=continuation, keep_teacher_logits=True)
+    assert res.teacher_valid.tolist() == [int(res.error_pos[0]) + 1, cid.shape[1]]
+    ids = torch.cat([pid, res.completion_ids], 1)
+    forced = teacher.table.detach()[ids[:, pid.shape[1] - 1 : -1]]  # TableLM: logits = table[previous token]
+    for r in range(2):
+        n = int(res.teacher_valid[r])
+        torch.testing.assert_close(res.teacher_logits[r, :n], forced[r, :n])
+    plain = revise(student, teacher, pid, pm, cid, cm, max_new_tokens=8, error_rule="first_rejected")
+    assert plain.teacher_logits is None and plain.teacher_valid is None
+
+
 def test_first_rejected_rejects_bad_ratio():
     student, teacher = make_pair()
     pid, pm, cid, cm = batch([PROMPT], [REJECT_COMPLETION])

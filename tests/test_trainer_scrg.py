@@ -78,3 +78,50 @@ def test_full_training_run_lmbda_one_with_lora(tokenizer, tmp_path):
     trainer.train()
     logged = [e for e in trainer.state.log_history if "mgsr/scrg_corrected_frac" in e]
     assert len(logged) == 3 and all(e["mgsr/on_policy"] == 1.0 for e in logged)
+
+
+@pytest.mark.parametrize("continuation", ["regenerate", "stop"])
+def test_reused_scrg_teacher_logits_give_the_same_loss_and_gradients(tokenizer, tmp_path, continuation):
+    # The loss takes SCRG's teacher logits where the revised rows still match them; with the cache dropped the
+    # teacher runs on the whole batch. Same loss, same student gradients, either way.
+    # At ratio 0.5 the random tiny teacher rejects a token in some rows and none in others (seed 0).
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_error="first_rejected",
+                   scrg_reject_ratio=0.5, scrg_continuation=continuation, per_device_train_batch_size=8)
+    torch.manual_seed(0)
+    batch = on_policy_batch(trainer)
+    assert trainer._metrics["train"]["mgsr/scrg_corrected_frac"][0] > 0
+    completion = batch["labels"][:, batch["mgsr_prompt_width"]:] != -100
+    reused = batch["mgsr_teacher_valid"] >= completion.sum(1)
+    assert reused.any() and (continuation == "stop") == bool(reused.all())  # "stop": no row needs the teacher
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def loss_and_grads(inputs):
+        for p in params:
+            p.grad = None
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    calls = []
+    hook = trainer.teacher_model.register_forward_hook(lambda m, a, k, out: calls.append(k["input_ids"].shape[0]),
+                                                       with_kwargs=True)
+    loss, grads = loss_and_grads(dict(batch))
+    fresh = {k: v for k, v in batch.items() if k not in ("mgsr_teacher_logits", "mgsr_teacher_valid")}
+    ref_loss, ref_grads = loss_and_grads(fresh)
+    hook.remove()
+    assert calls == ([] if continuation == "stop" else [int((~reused).sum())]) + [batch["input_ids"].shape[0]]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_scrg_stop_ends_corrected_rows_at_the_correction_without_generating(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_error="first_rejected",
+                   scrg_reject_ratio=0.999, scrg_continuation="stop")
+    generate_calls = []
+    original = trainer.model.generate
+    trainer.model.generate = lambda *a, **k: generate_calls.append(1) or original(*a, **k)
+    on_policy_batch(trainer)
+    metrics = trainer._metrics["train"]
+    assert generate_calls == [1]  # the sampling pass only
+    assert metrics["mgsr/scrg_corrected_frac"][0] > 0 and metrics["mgsr/scrg_regen_len"][0] == 0

@@ -26,6 +26,7 @@ DAC_BAND_OBJECTIVES = ("label", "joint")
 SPAN_EXTRACTORS = ("builtin", "nltk", "spacy")
 SCRG_TEACHER_TOKENS = ("greedy", "sample")
 SCRG_ERROR_RULES = ("max_divergence", "first_rejected")
+SCRG_CONTINUATIONS = ("regenerate", "stop")
 
 
 @dataclass
@@ -61,6 +62,13 @@ class MGSRConfig(GKDConfig):
         or a sample from the teacher (`"sample"`).
     scrg_allow_eos_correction (`bool`, defaults to `True`): whether an end token may be the correction (the row
         then ends there).
+    scrg_reuse_teacher_logits (`bool`, defaults to `True`): the loss takes the teacher's logits from SCRG's pass
+        wherever the revised row still matches it (unchanged rows, and a corrected row up to its correction) and
+        runs the teacher only on rows with positions past that. Same values (parity-tested); holds one
+        `[batch, completion, vocab]` tensor per micro-batch of the accumulation window until that micro-batch's loss.
+    scrg_continuation (`str`, defaults to `"regenerate"`): what follows a correction: the student re-generates the
+        rest of the row (`"regenerate"`, the paper) or the row ends at the corrected token (`"stop"`: no second
+        `generate`, and the loss's teacher logits are those of SCRG's pass).
 
     > DAC-KL (distribution-adaptive clipping KL)
 
@@ -173,6 +181,18 @@ class MGSRConfig(GKDConfig):
     )
     scrg_allow_eos_correction: bool = field(
         default=True, metadata={"help": "Whether SCRG may correct a position to an end token (the row ends there)."}
+    )
+    scrg_reuse_teacher_logits: bool = field(
+        default=True,
+        metadata={"help": "Reuse SCRG's teacher logits in the loss where they still hold (no second teacher forward "
+                          "on those rows). Holds one [batch, completion, vocab] tensor per micro-batch of the "
+                          "accumulation window until its loss; turn off to trade that memory for a teacher forward."},
+    )
+    scrg_continuation: str = field(
+        default="regenerate",
+        metadata={"help": "After an SCRG correction: the student re-generates the rest ('regenerate', the paper) or "
+                          "the row ends at the corrected token ('stop': no second generation).",
+                  "choices": list(SCRG_CONTINUATIONS)},
     )
 
     # DAC-KL
@@ -318,6 +338,7 @@ class MGSRConfig(GKDConfig):
             ("scrg_kl_direction", KL_DIRECTIONS),
             ("scrg_teacher_token", SCRG_TEACHER_TOKENS),
             ("scrg_error", SCRG_ERROR_RULES),
+            ("scrg_continuation", SCRG_CONTINUATIONS),
             ("dac_mode", DAC_MODES),
             ("dac_student_support", DAC_STUDENT_SUPPORTS),
             ("dac_band_objective", DAC_BAND_OBJECTIVES),

@@ -66,8 +66,9 @@ def sequences(args) -> str:
     else:
         other = "the teacher's samples (`seq_kd`)" if args.seq_kd else "the dataset's completions"
         source = f"student samples with probability `lmbda={args.lmbda:g}`, otherwise {other}"
-    scrg = (f"SCRG revises each student sample ({args.scrg_rounds} round(s), error rule `{args.scrg_error}`)"
-            if args.scrg_rounds else "SCRG off")
+    after = {"regenerate": "the student re-generates the rest", "stop": "the sample ends at the correction"}
+    scrg = (f"SCRG revises each student sample ({args.scrg_rounds} round(s), error rule `{args.scrg_error}`; "
+            f"{after[args.scrg_continuation]})" if args.scrg_rounds else "SCRG off")
     return f"{source}; {scrg}"
 
 

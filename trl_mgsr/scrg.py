@@ -37,7 +37,10 @@ import torch
 from .data import position_ids_from_mask
 import torch.nn.functional as F
 
+CONTINUATIONS = ("regenerate", "stop")
+
 __all__ = [
+    "CONTINUATIONS",
     "SCRGResult",
     "assemble_on_policy_batch",
     "completion_from_generate",
@@ -61,6 +64,12 @@ class SCRGResult:
         end token, or when the budget was used up).
     num_corrections: `[B]` long, in how many rounds the row was corrected.
 
+    teacher_logits: with `keep_teacher_logits`, `[B, L, V]` the teacher's logits predicting each completion token of
+        the last round's input (cut to `vocab_size`), else None.
+    teacher_valid: with `keep_teacher_logits`, `[B]` long: how many leading completion positions of the revised row
+        `teacher_logits` still predicts right (the whole row when unchanged, `j + 1` when corrected at `j`: the
+        teacher is causal and the prefix before `j` is kept), else None.
+
     With `rounds > 1` the per-row records describe the row's last correction.
     """
 
@@ -72,6 +81,8 @@ class SCRGResult:
     teacher_token: torch.Tensor
     regen_len: torch.Tensor
     num_corrections: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    teacher_valid: torch.Tensor | None = None
 
     def metric_sums(self) -> dict[str, torch.Tensor]:
         """Sums and counts (float tensors on the result's device) for the per-step metrics.
@@ -315,16 +326,20 @@ def scrg_round(
     kl_direction: str = "forward",
     teacher_token: str = "greedy",
     allow_eos: bool = True,
+    continuation: str = "regenerate",
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     student_logits: torch.Tensor | None = None,
     always_generate: bool = False,
     generate_kwargs: dict | None = None,
     chunk_size: int = 1024,
+    keep_teacher_logits: bool = False,
 ) -> SCRGResult:
     """One SCRG round (see `scrg_revise`); `num_corrections` is 0 or 1."""
     if error_rule not in ("max_divergence", "first_rejected"):
         raise ValueError(f"scrg: error_rule must be 'max_divergence' or 'first_rejected', got {error_rule!r}.")
+    if continuation not in CONTINUATIONS:
+        raise ValueError(f"scrg: continuation must be one of {CONTINUATIONS}, got {continuation!r}.")
     if not 0.0 < reject_ratio < 1.0:
         raise ValueError(f"scrg: reject_ratio must be in (0, 1), got {reject_ratio!r}.")
     if kl_direction not in ("forward", "reverse"):
@@ -358,6 +373,7 @@ def scrg_round(
                 t_logits, s_logits, completion_ids, kl_direction=kl_direction, teacher_token=teacher_token,
                 generator=generator, chunk_size=chunk_size,
             )
+            kept_logits = t_logits if keep_teacher_logits else None
             del t_logits, s_logits
         t, gap = t.to(device), gap.to(device)
         D = D.to(device) if D is not None else -gap  # first_rejected: the recorded divergence is -log p ratio
@@ -365,6 +381,7 @@ def scrg_round(
         D = torch.zeros(B, 0, device=device)
         gap = torch.zeros(B, 0, device=device)
         t = torch.zeros(B, 0, dtype=torch.long, device=device)
+        kept_logits = None
 
     # --- 3. error position -----------------------------------------------------------------------------------------
     candidates = (completion_ids != t) & completion_mask.bool()
@@ -389,12 +406,12 @@ def scrg_round(
         fixed[rows[corrected], j[corrected]] = t_j[corrected]
     ends_at_j = torch.isin(t_j, eos) if eos is not None else torch.zeros_like(corrected)
     left = (budget - (j + 1)).clamp(min=0)  # budget left after position j
-    regen_rows = corrected & ~ends_at_j & (left > 0)
+    regen_rows = corrected & ~ends_at_j & (left > 0) & (continuation == "regenerate")
 
     lengths = torch.where(corrected, j + 1, completion_mask.sum(dim=1).long())
     regen_len = torch.zeros(B, dtype=torch.long, device=device)
     new_tokens = None
-    if regen_rows.any() or always_generate:
+    if regen_rows.any() or (always_generate and continuation == "regenerate"):
         new_tokens, regen_len = _regenerate(
             student,
             input_ids=torch.cat([prompt_ids, fixed], dim=1),
@@ -435,6 +452,8 @@ def scrg_round(
         teacher_token=torch.where(corrected, t_j, unchanged_long),
         regen_len=torch.where(corrected, regen_len, torch.zeros_like(regen_len)),
         num_corrections=corrected.long(),
+        teacher_logits=kept_logits,
+        teacher_valid=torch.where(corrected, j + 1, torch.full_like(j, L)) if keep_teacher_logits else None,
     )
 
 
@@ -512,12 +531,14 @@ def scrg_revise(
     kl_direction: str = "forward",
     teacher_token: str = "greedy",
     allow_eos: bool = True,
+    continuation: str = "regenerate",
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     student_logits: torch.Tensor | None = None,
     always_generate: bool = False,
     generate_kwargs: dict | None = None,
     chunk_size: int = 1024,
+    keep_teacher_logits: bool = False,
 ) -> SCRGResult:
     """Sequence correction and re-generation of a batch of student samples (DESIGN.md §2).
 
@@ -541,6 +562,9 @@ def scrg_revise(
         teacher_token: `"greedy"` (teacher argmax) or `"sample"` (a sample from the teacher, drawn with `generator`).
         allow_eos: whether an end token may be the correction; if False, positions whose teacher token is an end
             token are not candidates.
+        continuation: what follows a correction: `"regenerate"` (the paper: the student re-generates the rest) or
+            `"stop"` (the row ends at the correction `y_<j + [t_j]`, without an end token; no `generate` call, and
+            a further round changes nothing, the kept prefix being accepted by the teacher).
         vocab_size: compare (and take the teacher token) over the first `vocab_size` logits of both models only
             (`truncate_teacher_vocab`); None requires equal vocab sizes.
         generator: RNG for `teacher_token="sample"` (on the logits' device). The student's re-generation samples
@@ -552,6 +576,9 @@ def scrg_revise(
             parameters; pass `generate_kwargs={"synced_gpus": True}` too). Every round always runs both forwards.
         generate_kwargs: extra keyword arguments of `student.generate`.
         chunk_size: positions per chunk when computing `D` (bounds the float32 `[chunk, V]` working tensors).
+        keep_teacher_logits: return the last round's teacher logits and how far each revised row still matches
+            them (`SCRGResult.teacher_logits`, `teacher_valid`), so that a loss needs no second teacher forward
+            where they are right.
 
     Returns:
         `SCRGResult`; rows are revised independently, so the result of a batch equals revising each row alone (up
@@ -589,12 +616,14 @@ def scrg_revise(
             kl_direction=kl_direction,
             teacher_token=teacher_token,
             allow_eos=allow_eos,
+            continuation=continuation,
             vocab_size=vocab_size,
             generator=generator,
             student_logits=student_logits if r == 0 else None,
             always_generate=always_generate,
             generate_kwargs=generate_kwargs,
             chunk_size=chunk_size,
+            keep_teacher_logits=keep_teacher_logits,
         )
         c = step.corrected
         result = SCRGResult(
@@ -606,5 +635,7 @@ def scrg_revise(
             teacher_token=torch.where(c, step.teacher_token, result.teacher_token),
             regen_len=torch.where(c, step.regen_len, result.regen_len),
             num_corrections=result.num_corrections + step.num_corrections,
+            teacher_logits=step.teacher_logits,
+            teacher_valid=step.teacher_valid,
         )
     return result

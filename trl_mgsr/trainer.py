@@ -262,8 +262,7 @@ class MGSRTrainer(GKDTrainer):
                 ) as unwrapped, pure_sampling(unwrapped), \
                         guards.finite_logits(self, unwrapped, "student", "in on-policy sampling"), \
                         guards.finite_logits(self, self.teacher_model, "teacher", "in SCRG (before any correction)"):
-                    ids, mask, labels = self.generate_on_policy_outputs(unwrapped, inputs, self.generation_config)
-                inputs.update(input_ids=ids, attention_mask=mask, labels=labels)
+                    inputs.update(self.sample_and_revise(unwrapped, inputs, self.generation_config))
             elif source == REPLAY:  # buffered samples bring their own span ids
                 inputs.update(self._replayed_batch(inputs["input_ids"].shape[0], inputs["input_ids"].device))
             else:
@@ -299,11 +298,20 @@ class MGSRTrainer(GKDTrainer):
         return span_ids_from_tokens(tokenizer, input_ids, completion_mask, self.span_extractor)
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
-        """Sample completions from the student and revise them with SCRG; returns GKD's layout.
+        """GKD's hook: sample completions from the student and revise them with SCRG; returns GKD's layout
+        `(input_ids, attention_mask, labels)` (see `sample_and_revise`)."""
+        batch = self.sample_and_revise(model, inputs, generation_config)
+        return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
-        `(input_ids, attention_mask, labels)`: left-padded prompt, completion up to and including its first end
-        token, labels -100 on prompt and padding. The sampling pass's own logits serve as the student's logits of
-        SCRG's first round (no extra student forward). With `scrg_rounds=0` this is GKD's hook.
+    def sample_and_revise(self, model, inputs, generation_config) -> dict[str, torch.Tensor]:
+        """Sample completions from the student and revise them with SCRG.
+
+        Returns `input_ids`, `attention_mask` (left-padded prompt, completion up to and including its first end
+        token) and `labels` (-100 on prompt and padding) and, when SCRG ran and `scrg_reuse_teacher_logits` is on,
+        `mgsr_teacher_logits` `[B, L, V]` (SCRG's teacher logits predicting each completion token) with
+        `mgsr_teacher_valid` `[B]` (how many leading completion positions they still predict right), which
+        `teacher_logits` reuses instead of running the teacher again. The sampling pass's own logits serve as the
+        student's logits of SCRG's first round (no extra student forward). With `scrg_rounds=0` this is GKD's hook.
         """
         prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
         pad, eos = self.processing_class.pad_token_id, generation_config.eos_token_id
@@ -313,6 +321,7 @@ class MGSRTrainer(GKDTrainer):
                                output_logits=use_scrg and self.args.scrg_error == "max_divergence")
         out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=sampling_config)
         completion_ids, completion_mask = completion_from_generate(out.sequences, prompts.shape[1], eos)
+        cache = {}
         if use_scrg:
             sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank must run the same collectives
             result = scrg_revise(
@@ -331,15 +340,21 @@ class MGSRTrainer(GKDTrainer):
                 kl_direction=self.args.scrg_kl_direction,
                 teacher_token=self.args.scrg_teacher_token,
                 allow_eos=self.args.scrg_allow_eos_correction,
+                continuation=self.args.scrg_continuation,
                 vocab_size=self.shared_vocab_size,
                 student_logits=torch.stack(out.logits, dim=1) if out.logits else None,
                 always_generate=sharded,
                 generate_kwargs={"synced_gpus": True} if sharded else None,
                 chunk_size=self.args.loss_chunk_size,
+                keep_teacher_logits=self.args.scrg_reuse_teacher_logits,
             )
             completion_ids, completion_mask = result.completion_ids, result.completion_mask
+            if result.teacher_logits is not None:
+                cache = {"mgsr_teacher_logits": result.teacher_logits, "mgsr_teacher_valid": result.teacher_valid,
+                         "mgsr_prompt_width": prompts.shape[1]}
             self._log_scrg(result)
-        return assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
+        ids, mask, labels = assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, **cache}
 
     def _log_scrg(self, result) -> None:
         """Per-step SCRG metrics over all ranks: share of rows corrected and means over corrected rows."""
@@ -428,9 +443,7 @@ class MGSRTrainer(GKDTrainer):
         """
         vocab = self.shared_vocab_size
         student_outputs = self._forward(model, inputs["input_ids"], inputs["attention_mask"])
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_logits = self._forward(self.teacher_model, inputs["input_ids"], inputs["attention_mask"]).logits
+        teacher_logits = self.teacher_logits(inputs)
         # Position k predicts token k+1: labels shift left instead of the logits losing their last position, so the
         # logits stay contiguous and the losses flatten them without a copy.
         student_logits = student_outputs.logits[..., :vocab]
@@ -471,6 +484,32 @@ class MGSRTrainer(GKDTrainer):
         guards.check_loss(self, loss, terms, student_logits, teacher_logits, inputs["attention_mask"])
         self._log_terms(terms, inputs)
         return (loss, student_outputs) if return_outputs else loss
+
+    def teacher_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The teacher's logits `[B, T, V]` on the distillation sequence (no grad).
+
+        After SCRG (`mgsr_teacher_logits` in `inputs`) they are SCRG's wherever those still hold, and the teacher
+        runs only on the rows that have positions past that (a corrected row that was re-generated); positions that
+        predict no completion token are 0. Otherwise one teacher forward on the whole batch. Under DeepSpeed/FSDP the
+        teacher runs once per call on every rank (on at least one row), so the ranks' collectives stay in step.
+        """
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        self.teacher_model.eval()
+        with torch.no_grad():
+            cached = inputs.get("mgsr_teacher_logits")
+            if cached is None:
+                return self._forward(self.teacher_model, ids, mask).logits
+            B, T = ids.shape
+            L, V = cached.shape[1], cached.shape[2]
+            width = T - inputs["mgsr_prompt_width"]  # completion width; cached position i predicts token i
+            logits = F.pad(cached[:, : min(L, width)], (0, 0, T - width - 1, max(width - L, 0) + 1))
+            lengths = (inputs["labels"][:, T - width:] != -100).sum(dim=1)
+            need = (inputs["mgsr_teacher_valid"] < lengths).nonzero(as_tuple=True)[0]
+            if need.numel() == 0 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                need = torch.zeros(1, dtype=torch.long, device=ids.device)  # a forward whose result is the cache's
+            if need.numel() > 0:
+                logits[need] = self._forward(self.teacher_model, ids[need], mask[need]).logits[..., :V].to(logits.dtype)
+            return logits
 
     def dac_kl_terms(self, student_logits, teacher_logits, labels, train_band: bool) -> dict[str, LossTerm]:
         """The token-level term: chunked DAC-KL with the learned band (or the fixed band `(dac_lo, dac_hi)`).
