@@ -110,3 +110,12 @@ class AdaptiveSchedule:
         self.threshold, self.last_eval_loss = state["threshold"], state["last_eval_loss"]
         self.buffer.samples.clear()
         self.buffer.samples.extend(state["buffer"])
+
+
+def schedule_from_config(args) -> GKDSchedule | AdaptiveSchedule:
+    """The schedule an `MGSRConfig` names, on one RNG seeded with `args.seed` (the same decisions on every rank)."""
+    rng = random.Random(args.seed)
+    if args.schedule == "adaptive":
+        return AdaptiveSchedule(rng, args.init_threshold, args.threshold_step, args.loss_eps, args.replay_capacity,
+                                args.replay_ratio_start, args.replay_ratio_end)
+    return GKDSchedule(rng, args.lmbda)

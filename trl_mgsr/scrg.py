@@ -45,6 +45,7 @@ __all__ = [
     "assemble_on_policy_batch",
     "completion_from_generate",
     "completion_mask_from_ids",
+    "kept_teacher_logits",
     "scrg_revise",
     "scrg_round",
 ]
@@ -185,6 +186,20 @@ def assemble_on_policy_batch(
         [torch.full_like(prompt_ids, -100), completion_ids.masked_fill(completion_mask == 0, -100)], dim=1
     )
     return input_ids, attention_mask, labels
+
+
+def kept_teacher_logits(kept: torch.Tensor, valid: torch.Tensor, prompt_width: int,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits `[B, T, V]` on the revised sequences `[prompt (prompt_width columns), completion]` whose
+    labels are `labels` `[B, T]`, from `SCRGResult.teacher_logits` `kept` `[B, L, V]` (position `prompt_width - 1 + i`
+    predicts completion token `i`; positions that predict no completion token are 0), and the rows `[n]` whose
+    labelled completion is longer than `valid` (`SCRGResult.teacher_valid`): those need a teacher forward."""
+    B, T = labels.shape
+    width = T - prompt_width  # completion columns; the revised width is never below the kept one
+    L = min(kept.shape[1], width)
+    logits = F.pad(kept[:, :L], (0, 0, prompt_width - 1, width - L + 1))
+    lengths = (labels[:, prompt_width:] != -100).sum(dim=1)
+    return logits, (valid < lengths).nonzero(as_tuple=True)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

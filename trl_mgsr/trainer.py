@@ -1,62 +1,56 @@
 """`MGSRTrainer`: TRL's `GKDTrainer` with MGSR's generation hook (SCRG) and loss (SFT + DAC-KL + span).
 
-How a training step flows (the parts GKD users know keep their names):
+This module orchestrates; the work of each granularity lives elsewhere: `scrg.py` (revising student samples),
+`objective.py` (the loss terms, their item counts, their weighted sum), `losses/` (each term), `spans.py`,
+`band_training.py` (the band sub-network's optimisation), `checkpointing.py` (MGSR's checkpoint state) and
+`construction.py` (what `__init__` checks and builds). How a training step flows (GKD's names are kept):
 
 1. `get_batch_samples` fetches the micro-batches of one gradient-accumulation window and turns each into a
-   *distillation batch* (`prepare_distillation_batch`): the schedule picks the sequence source (student sample
-   revised by SCRG, teacher sample for `seq_kd`, or the dataset completion), the dataset tensors are kept aside
+   *distillation batch* (`prepare_distillation_batch`): the schedule picks the sequence source (a student sample
+   revised by SCRG, a teacher sample for `seq_kd`, or the dataset completion), the dataset tensors are kept aside
    as `sft_*` for the SFT term, and span ids are computed. Then the items of every loss term are counted over the
-   whole window and summed over all ranks.
-2. `training_step` runs as in `transformers.Trainer`; `compute_loss` runs the student (and the teacher, no grad)
-   teacher-forced on the distillation sequence, computes each term as a sum and divides it by the window count.
-   The loss is multiplied by the number of processes because data parallelism averages gradients, so that
-   N ranks x GA k x batch b gives the gradient of one batch N*k*b (`loss_is_scaled_for_ga = True`).
+   whole window and summed over all ranks (`count_items`).
+2. `training_step` runs as in `transformers.Trainer`; `compute_loss` runs the student teacher-forced on the
+   distillation sequence, takes the teacher's logits (SCRG's where they still hold, `teacher_logits`), computes each
+   term as a sum and divides it by the window count. The loss is multiplied by the number of processes because data
+   parallelism averages gradients, so that N ranks x GA k x batch b gives the gradient of one batch N*k*b
+   (`loss_is_scaled_for_ga = True`).
+3. After the window's last backward the band sub-network's gradients are averaged over ranks; it is clipped with
+   the student and stepped after the optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import os
-import random
 import textwrap
-import warnings
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any
 
-import datasets
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from . import guards
+from . import construction, guards, objective
 from ._trl import GKDConfig, GKDTrainer
-from .config import MGSRConfig
-from .data import MGSRDataCollator, detect_format, position_ids_from_mask, split_prompt_completion
-from .data import left_pad
+from .band_training import BandTraining
+from .checkpointing import MGSRCheckpointing
+from .data import MGSRDataCollator, left_pad, position_ids_from_mask
 from .generation import pure_sampling
-from .losses import (IGNORE_INDEX, DACBandNet, LossTerm, band_features, band_label_loss, chunked_dac_kl_loss,
-                     chunked_sft_loss, chunked_span_loss, span_loglik_loss)
-from .losses.terms import labelled_rows
+from .losses import IGNORE_INDEX
+from .objective import TERMS, shift_left
 from .runtime import quiet_trl_deprecations
-from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule
-from .scrg import assemble_on_policy_batch, completion_from_generate, scrg_revise
-from .spans import get_span_extractor, span_counts, span_groups, span_ids_from_tokens, span_pair_mask
+from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule, schedule_from_config
+from .scrg import assemble_on_policy_batch, completion_from_generate, kept_teacher_logits, scrg_revise
+from .spans import get_span_extractor, span_ids_from_tokens
 
-TERMS = ("sft", "dac_kl", "span", "band")  # "band": the band sub-network's own objective (dac_band_objective="label")
 REPLAY_KEYS = ("input_ids", "attention_mask", "labels", "span_ids")
-WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}  # "band" trains only the band
-STATE_FILE = "mgsr_state.pt"
 
 
-class MGSRTrainer(GKDTrainer):
+class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
     """Trainer for MGSR knowledge distillation; a drop-in replacement for `GKDTrainer`.
 
     Takes the same arguments as `GKDTrainer` (plus `span_extractor`, a callable `text -> [(start, end)]` that
@@ -109,30 +103,12 @@ class MGSRTrainer(GKDTrainer):
         formatting_func=None,
         span_extractor: Callable[[str], list[tuple[int, int]]] | None = None,
     ):
-        args = _as_mgsr_config(args, model)
-        if formatting_func is not None:
-            raise ValueError(
-                "MGSRTrainer does not take `formatting_func`: give rows with `messages` or `prompt`/`completion` "
-                "columns (format them with `dataset.map` first)."
-            )
-        _check_adaptive_schedule(args, eval_dataset)
-        guards.check_model_path(model, "model")
-        guards.check_model_path(teacher_model if teacher_model is not None else args.teacher_model_name_or_path,
-                                "teacher_model")
-        guards.check_datasets(_named_datasets(train_dataset, eval_dataset))  # SFTTrainer fails on none with a bare error
+        args = construction.as_mgsr_config(args, model)
+        construction.check_arguments(model, teacher_model, args, train_dataset, eval_dataset, formatting_func)
         quiet_trl_deprecations()
-        teacher_model = _load_teacher(teacher_model, args)
-        if isinstance(model, nn.Module) and _shares_weights(model, teacher_model):
-            raise ValueError(
-                "`teacher_model` shares weights with the student `model` (the same model object, or the student's "
-                "base model): the teacher would change with the student, and with `peft_config` it would run the "
-                "student's adapters. Load the teacher separately (e.g. `teacher_model=<path or Hub id>`)."
-            )
-        if processing_class is None:
-            source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-            if not source:
-                raise ValueError("MGSRTrainer needs `processing_class` (the tokenizer) when `model` is not a path/id.")
-            processing_class = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+        teacher_model = construction.load_teacher(teacher_model, args)
+        construction.check_separate_teacher(model, teacher_model)
+        processing_class = processing_class or construction.default_tokenizer(model, args)
 
         # Built once here, so a missing NLTK/spaCy fails at construction rather than mid-training.
         self.span_extractor = (
@@ -143,13 +119,7 @@ class MGSRTrainer(GKDTrainer):
         args.remove_unused_columns = False  # the collator needs the raw columns
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if data_collator is None:
-            data_collator = MGSRDataCollator(
-                processing_class,
-                max_length=args.max_length,
-                # not the bound `self.span_ids`: DataLoader workers would pickle the whole trainer with it
-                span_fn=functools.partial(span_ids_from_tokens, extractor=self.span_extractor)
-                if self.span_extractor else None,
-            )
+            data_collator = construction.default_collator(args, processing_class, self.span_extractor)
 
         SFTTrainer.__init__(
             self,
@@ -165,16 +135,10 @@ class MGSRTrainer(GKDTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             peft_config=peft_config,
         )
-        # After SFTTrainer.__init__: `chat_template_path` may have given the tokenizer its chat template.
-        if isinstance(self.data_collator, MGSRDataCollator):
+        if isinstance(self.data_collator, MGSRDataCollator):  # `chat_template_path` may have given it a template
             self.data_collator.tokenizer = self.processing_class
-        for name, dataset in _named_datasets(train_dataset, eval_dataset):
-            _validate_dataset(dataset, self.processing_class, name)
-            if isinstance(self.data_collator, MGSRDataCollator) and not isinstance(dataset, datasets.IterableDataset):
-                report = self.data_collator.truncation_report(dataset, name)  # how many rows, cut which way
-                if report:
-                    warnings.warn(report, stacklevel=2)
-        self.shared_vocab_size = _shared_vocab_size(self.model, teacher_model, processing_class, args)
+        construction.check_datasets(train_dataset, eval_dataset, self.processing_class, self.data_collator)
+        self.shared_vocab_size = construction.shared_vocab_size(self.model, teacher_model, processing_class, args)
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
             disable_dropout_in_model(teacher_model)
@@ -184,43 +148,19 @@ class MGSRTrainer(GKDTrainer):
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
 
         self.beta, self.temperature, self.seq_kd = args.beta, args.temperature, args.seq_kd
-        self.dac_band_net, self._band_optimizer = None, None
+        self.band = None  # the band sub-network's training (dac_mode="learned")
         if args.dac_weight > 0 and args.dac_mode == "learned":
-            with torch.random.fork_rng(devices=[]):  # same initial weights on every rank, global RNG untouched
-                torch.manual_seed(args.seed)
-                self.dac_band_net = DACBandNet.from_config(args).to(self.args.device)
-            self.add_callback(_BandNetStep(self))
-        self.generation_kwargs = {
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "do_sample": True,
-            "top_k": 0,
-            "top_p": 1.0,
-            "use_cache": args.generation_use_cache or not args.gradient_checkpointing,
-            "pad_token_id": processing_class.pad_token_id,
-        }
-        student_vocab = self.model.config.get_text_config().vocab_size
-        if self.shared_vocab_size < student_vocab:  # never sample ids the teacher does not have
-            self.generation_kwargs["suppress_tokens"] = list(range(self.shared_vocab_size, student_vocab))
-        self.generation_config = GenerationConfig(**self.generation_kwargs)
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        self.generation_config.eos_token_id = eos if eos is not None else processing_class.eos_token_id
-        self.teacher_generation_config = copy.deepcopy(self.generation_config)  # for `seq_kd`
-        teacher_vocab = teacher_model.config.get_text_config().vocab_size
-        self.teacher_generation_config.suppress_tokens = (
-            list(range(self.shared_vocab_size, teacher_vocab)) if self.shared_vocab_size < teacher_vocab else None
-        )
-        # One RNG for every schedule decision; same seed on every rank, same number of draws => same decisions.
-        rng = random.Random(args.seed)
-        if args.schedule == "adaptive":
-            self.schedule = AdaptiveSchedule(
-                rng, args.init_threshold, args.threshold_step, args.loss_eps, args.replay_capacity,
-                args.replay_ratio_start, args.replay_ratio_end,
-            )
-        else:
-            self.schedule = GKDSchedule(rng, args.lmbda)
+            self.band = BandTraining(args, self.args.device)
+            self.add_callback(self.band.callback())
+        self.generation_kwargs, self.generation_config, self.teacher_generation_config = (
+            construction.generation_settings(args, self.model, teacher_model, processing_class, self.shared_vocab_size))
+        self.schedule = schedule_from_config(args)
         self.lmbda = args.lmbda
-        self._rng_resume: str | None = None  # checkpoint whose RNG state must be restored before generating
+
+    @property
+    def dac_band_net(self):
+        """The band sub-network (`DACBandNet`), or None with a fixed band."""
+        return self.band.net if self.band is not None else None
 
     # ------------------------------------------------------------------ schedule and batch preparation
 
@@ -325,49 +265,20 @@ class MGSRTrainer(GKDTrainer):
         if use_scrg:
             sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank must run the same collectives
             result = scrg_revise(
-                model,
-                self.teacher_model,
-                prompts,
-                prompt_mask,
-                completion_ids,
-                completion_mask,
-                generation_config=generation_config,
-                eos_token_ids=eos,
-                pad_token_id=pad,
-                rounds=self.args.scrg_rounds,
-                error_rule=self.args.scrg_error,
-                reject_ratio=self.args.scrg_reject_ratio,
-                kl_direction=self.args.scrg_kl_direction,
-                teacher_token=self.args.scrg_teacher_token,
-                allow_eos=self.args.scrg_allow_eos_correction,
-                continuation=self.args.scrg_continuation,
+                model, self.teacher_model, prompts, prompt_mask, completion_ids, completion_mask,
+                generation_config=generation_config, eos_token_ids=eos, pad_token_id=pad,
                 vocab_size=self.shared_vocab_size,
                 student_logits=torch.stack(out.logits, dim=1) if out.logits else None,
-                always_generate=sharded,
-                generate_kwargs={"synced_gpus": True} if sharded else None,
-                chunk_size=self.args.loss_chunk_size,
-                keep_teacher_logits=self.args.scrg_reuse_teacher_logits,
+                always_generate=sharded, generate_kwargs={"synced_gpus": True} if sharded else None,
+                **construction.scrg_options(self.args),
             )
             completion_ids, completion_mask = result.completion_ids, result.completion_mask
             if result.teacher_logits is not None:
                 cache = {"mgsr_teacher_logits": result.teacher_logits, "mgsr_teacher_valid": result.teacher_valid,
                          "mgsr_prompt_width": prompts.shape[1]}
-            self._log_scrg(result)
+            self._log_ratios(objective.scrg_ratios(result), "train")
         ids, mask, labels = assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, **cache}
-
-    def _log_scrg(self, result) -> None:
-        """Per-step SCRG metrics over all ranks: share of rows corrected and means over corrected rows."""
-        sums = result.metric_sums()
-        values = torch.stack(list(sums.values()))
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, reduction="sum")
-        s = dict(zip(sums, values.tolist()))
-        corrected = max(s["corrected"], 1.0)
-        metrics = self._metrics["train"]
-        metrics["mgsr/scrg_corrected_frac"].append(s["corrected"] / max(s["rows"], 1.0))
-        for key in ("error_pos", "divergence", "regen_len"):
-            metrics[f"mgsr/scrg_{key}"].append(s[key] / corrected)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch one accumulation window, prepare each micro-batch, and count every term's items over the window.
@@ -381,9 +292,7 @@ class MGSRTrainer(GKDTrainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        if self._rng_resume is not None:  # see `_load_rng_state`
-            checkpoint, self._rng_resume = self._rng_resume, "restored"
-            super()._load_rng_state(checkpoint)
+        self.restore_rng_before_generating()
         batches = [self.prepare_distillation_batch(self._prepare_inputs(batch)) for batch in batches]
         return batches, self.count_items(batches, device)
 
@@ -391,33 +300,15 @@ class MGSRTrainer(GKDTrainer):
         """Item count of each loss term summed over `batches` and over all processes."""
         local = torch.zeros(len(TERMS), dtype=torch.long, device=device or self.args.device)
         for batch in batches:
-            for i, (_, count) in enumerate(self._term_item_counts(batch)):
-                local[i] += count
+            local += torch.stack(objective.item_counts(self.args, batch, self._trains_band(batch))).to(local.device)
         total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
         return dict(zip(TERMS, total))
-
-    def _term_item_counts(self, batch):
-        labels = batch["labels"][:, 1:]
-        sft_labels = batch.get("sft_labels", batch["labels"])[:, 1:]
-        return [
-            ("sft", (sft_labels != -100).sum()),
-            ("dac_kl", (labels != -100).sum()),
-            ("span", self._span_items(batch["span_ids"][:, 1:], labels) if "span_ids" in batch
-             else torch.zeros((), dtype=torch.long, device=labels.device)),
-            ("band", (labels != -100).sum() * self._trains_band(batch)),
-        ]
 
     def _trains_band(self, batch) -> bool:
         """Whether this batch trains the band sub-network with its own objective: a training batch whose labels are
         the data's (never in evaluation, whose loss stays the student's)."""
-        return (self.dac_band_net is not None and self.args.dac_band_objective == "label" and self.model.training
+        return (self.band is not None and self.args.dac_band_objective == "label" and self.model.training
                 and batch.get("mgsr_labels_are_data", True))
-
-    def _span_items(self, span_ids, labels):
-        """The span term's items: spans with a pair ("loglik") or the pairs themselves ("product")."""
-        if self.args.span_objective == "loglik":
-            return span_groups(span_ids, labels)[2]
-        return span_pair_mask(span_ids, labels).sum()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs.get("mgsr_prepared"):  # called outside the training loop: this batch is the whole window
@@ -425,8 +316,8 @@ class MGSRTrainer(GKDTrainer):
             num_items_in_batch = self.count_items([inputs])
         # SFTTrainer's step (activation offloading), not GKD's: the batch is already the distillation batch.
         loss = SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
-        if self.dac_band_net is not None and self.accelerator.sync_gradients:  # the window's last backward
-            self._sync_band_gradients()
+        if self.band is not None and self.accelerator.sync_gradients:  # the window's last backward
+            self.band.average_gradients(self.accelerator.num_processes)
         return loss
 
     # ------------------------------------------------------------------ loss
@@ -443,46 +334,29 @@ class MGSRTrainer(GKDTrainer):
         """
         vocab = self.shared_vocab_size
         student_outputs = self._forward(model, inputs["input_ids"], inputs["attention_mask"])
-        teacher_logits = self.teacher_logits(inputs)
         # Position k predicts token k+1: labels shift left instead of the logits losing their last position, so the
         # logits stay contiguous and the losses flatten them without a copy.
         student_logits = student_outputs.logits[..., :vocab]
-        teacher_logits = teacher_logits[..., :vocab]
-        labels = _shift_left(inputs["labels"], IGNORE_INDEX)
-
-        terms: dict[str, LossTerm] = {}
-        if self.args.sft_weight > 0:
-            if "sft_input_ids" in inputs:
-                sft_logits = self._forward(model, inputs["sft_input_ids"], inputs["sft_attention_mask"]).logits
-                sft_logits, sft_labels = sft_logits[..., :vocab], _shift_left(inputs["sft_labels"], IGNORE_INDEX)
-            else:
-                sft_logits, sft_labels = student_logits, labels
-            terms["sft"] = chunked_sft_loss(sft_logits, sft_labels, chunk_size=self.args.loss_chunk_size)
-        if self.args.dac_weight > 0:
-            terms.update(self.dac_kl_terms(student_logits, teacher_logits, labels, self._trains_band(inputs)))
-        if self.args.span_weight > 0:
-            if "span_ids" not in inputs:  # a user collator without spans
-                inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
-            span_ids = _shift_left(inputs["span_ids"], -1)
-            if self.args.span_objective == "loglik":
-                terms["span"] = span_loglik_loss(student_logits, teacher_logits, labels, span_ids,
-                                                 chunk_size=self.args.loss_chunk_size)
-            else:
-                terms["span"] = chunked_span_loss(
-                    student_logits, teacher_logits, labels, span_ids, distance=self.args.span_distance,
-                    chunk_size=self.args.loss_chunk_size,
-                )
-
+        teacher_logits = self.teacher_logits(inputs)[..., :vocab]
+        labels = shift_left(inputs["labels"], IGNORE_INDEX)
+        sft = None
+        if self.args.sft_weight > 0 and "sft_input_ids" in inputs:  # the dataset's completion, not the sequence's
+            sft_logits = self._forward(model, inputs["sft_input_ids"], inputs["sft_attention_mask"]).logits
+            sft = sft_logits[..., :vocab], shift_left(inputs["sft_labels"], IGNORE_INDEX)
+        if self.args.span_weight > 0 and "span_ids" not in inputs:  # a user collator without spans
+            inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
+        terms = objective.loss_terms(
+            self.args, student_logits, teacher_logits, labels, sft=sft,
+            span_ids=shift_left(inputs["span_ids"], -1) if self.args.span_weight > 0 else None,
+            band_net=self.dac_band_net, train_band=self._trains_band(inputs),
+        )
         global_counts = isinstance(num_items_in_batch, dict)
-        loss = student_logits.new_zeros(())
-        for name, term in terms.items():
-            count = num_items_in_batch[name] if global_counts else term.num_items
-            weight = getattr(self.args, WEIGHT_FIELDS[name]) if name in WEIGHT_FIELDS else 1.0
-            loss = loss + weight * term.total / count.clamp(min=1)
+        loss = objective.weighted_loss(self.args, terms, num_items_in_batch if global_counts else None,
+                                       like=student_logits)
         if global_counts:
             loss = loss * self.accelerator.num_processes
         guards.check_loss(self, loss, terms, student_logits, teacher_logits, inputs["attention_mask"])
-        self._log_terms(terms, inputs)
+        self._log_ratios(objective.term_ratios(terms, inputs), "train" if self.model.training else "eval")
         return (loss, student_outputs) if return_outputs else loss
 
     def teacher_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -499,146 +373,47 @@ class MGSRTrainer(GKDTrainer):
             cached = inputs.get("mgsr_teacher_logits")
             if cached is None:
                 return self._forward(self.teacher_model, ids, mask).logits
-            B, T = ids.shape
-            L, V = cached.shape[1], cached.shape[2]
-            width = T - inputs["mgsr_prompt_width"]  # completion width; cached position i predicts token i
-            logits = F.pad(cached[:, : min(L, width)], (0, 0, T - width - 1, max(width - L, 0) + 1))
-            lengths = (inputs["labels"][:, T - width:] != -100).sum(dim=1)
-            need = (inputs["mgsr_teacher_valid"] < lengths).nonzero(as_tuple=True)[0]
+            logits, need = kept_teacher_logits(cached, inputs["mgsr_teacher_valid"], inputs["mgsr_prompt_width"],
+                                               inputs["labels"])
             if need.numel() == 0 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
                 need = torch.zeros(1, dtype=torch.long, device=ids.device)  # a forward whose result is the cache's
             if need.numel() > 0:
-                logits[need] = self._forward(self.teacher_model, ids[need], mask[need]).logits[..., :V].to(logits.dtype)
+                fresh = self._forward(self.teacher_model, ids[need], mask[need]).logits
+                logits[need] = fresh[..., : logits.shape[-1]].to(logits.dtype)
             return logits
 
-    def dac_kl_terms(self, student_logits, teacher_logits, labels, train_band: bool) -> dict[str, LossTerm]:
-        """The token-level term: chunked DAC-KL with the learned band (or the fixed band `(dac_lo, dac_hi)`).
+    def _log_ratios(self, ratios: list[tuple[str, Any, Any]], mode: str) -> None:
+        """Log `numerator / denominator` per metric, both summed over all ranks in one reduction."""
+        device = self.args.device
+        values = torch.stack([torch.stack([torch.as_tensor(n, device=device).float(),
+                                           torch.as_tensor(d, device=device).float()]) for _, n, d in ratios])
+        if self.accelerator.num_processes > 1:  # not gather_for_metrics: it drops ranks at the end of an epoch
+            values = self.accelerator.reduce(values, reduction="sum")
+        for (key, _, _), (numerator, denominator) in zip(ratios, values.tolist()):
+            self._metrics[mode][key].append(numerator / denominator if denominator > 0 else 0.0)
 
-        With `dac_band_objective="label"` the divergence sees the band detached (it trains the student only) and,
-        when `train_band` (the labels are the data's), a "band" term trains the sub-network on `band_label_loss`.
-        With "joint" (the paper's) the sub-network is trained by the divergence itself.
-        """
-        a = self.args
-        kwargs = dict(
-            lo=a.dac_lo, hi=a.dac_hi, min_width=a.dac_min_width, sharpness=a.dac_sharpness,
-            student_support=a.dac_student_support, divergence=a.dac_divergence, temperature=a.dac_temperature,
-            num_features=a.dac_features, top_k=a.dac_top_k, beta=a.dac_beta, skew=a.dac_skew,
-            chunk_size=a.loss_chunk_size,
-        )
-        if self.dac_band_net is None or a.dac_band_objective == "joint":
-            return {"dac_kl": chunked_dac_kl_loss(student_logits, teacher_logits, labels, band_net=self.dac_band_net,
-                                                  **kwargs)}
-        teacher_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
-        rows = labelled_rows(labels)
-        lo, hi = self.dac_band_net(band_features(teacher_flat, rows, a.dac_temperature, a.dac_features,
-                                                 a.loss_chunk_size))
-        terms = {"dac_kl": chunked_dac_kl_loss(student_logits, teacher_logits, labels, band=(lo.detach(), hi.detach()),
-                                               **kwargs)}
-        if train_band:
-            terms["band"] = band_label_loss(lo, hi, teacher_flat, rows, labels.reshape(-1), sharpness=a.dac_sharpness,
-                                            width_cost=a.dac_band_width_cost, temperature=a.dac_temperature,
-                                            chunk_size=a.loss_chunk_size)
-        return terms
-
-    # ------------------------------------------------------------------ the band sub-network's optimisation
+    # ------------------------------------------------------------------ the band sub-network (band_training.py)
 
     def create_optimizer(self, model=None):
-        """The user's optimizer, plus a parameter group for the band sub-network (`dac_learning_rate`, no weight
-        decay), which then follows the learning-rate schedule like the student. The band sub-network gets its own
-        AdamW at a constant `dac_learning_rate` instead (stepped right after the main optimizer) under DeepSpeed or
-        FSDP, whose engines only take model parameters, and when the user passed their own scheduler, which was
-        built over the optimizer's existing groups."""
+        """The user's optimizer; the band sub-network joins it as a parameter group (`dac_learning_rate`, no weight
+        decay), or gets its own AdamW under DeepSpeed/FSDP and with a user-given scheduler."""
         optimizer = super().create_optimizer(model)
-        if self.dac_band_net is None:
-            return optimizer
-        params = list(self.dac_band_net.parameters())
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.lr_scheduler is not None:
-            if self._band_optimizer is None:
-                self._band_optimizer = torch.optim.AdamW(params, lr=self.args.dac_learning_rate, weight_decay=0.0)
-        elif not any(p is params[0] for group in optimizer.param_groups for p in group["params"]):
-            optimizer.add_param_group({"params": params, "lr": self.args.dac_learning_rate, "weight_decay": 0.0})
+        if self.band is not None:
+            own = self.is_deepspeed_enabled or self.is_fsdp_enabled or self.lr_scheduler is not None
+            self.band.attach(optimizer, own_optimizer=own)
         return optimizer
 
     def _clip_grad_norm(self, model):
-        """Clip the band sub-network's gradients with the student's: one global norm when it is in the main
-        optimizer, its own norm otherwise (when it has its own optimizer the engine clips the student)."""
-        band = [] if self.dac_band_net is None else list(self.dac_band_net.parameters())
-        if band and self._band_optimizer is None and not self._has_mixed_mesh_grads(model):
-            norm = self.accelerator.clip_grad_norm_([*model.parameters(), *band], self.args.max_grad_norm)
-        else:
-            if band:
-                torch.nn.utils.clip_grad_norm_(band, self.args.max_grad_norm)
+        """Clip the band sub-network's gradients with the student's, then check the norm is finite."""
+        if self.band is None:
             norm = super()._clip_grad_norm(model)
+        else:
+            norm = self.band.clip_grad_norm(model, self.args.max_grad_norm, self.accelerator, super()._clip_grad_norm,
+                                            mixed_mesh=self._has_mixed_mesh_grads(model))
         guards.check_grad_norm(self, norm)  # before the optimizer step writes the weights
         return norm
 
-    def _sync_band_gradients(self) -> None:
-        """Average the band sub-network's gradients over ranks, as DDP does for the student (it is not wrapped)."""
-        if self.accelerator.num_processes == 1:
-            return
-        params = list(self.dac_band_net.parameters())
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        torch.distributed.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-
-    def _finish_band_step(self) -> None:
-        """Step the band's own optimizer, except on a step whose gradients overflowed (fp16 loss scaling: the
-        engine skips that step too), then zero the band's gradients."""
-        if self._band_optimizer is not None:
-            grads = [p.grad for p in self.dac_band_net.parameters() if p.grad is not None]
-            if grads and all(torch.isfinite(g).all() for g in grads):
-                self._band_optimizer.step()
-        self.dac_band_net.zero_grad(set_to_none=True)  # Trainer only zeroes the model's gradients
-
-    def _log_terms(self, terms: dict[str, LossTerm], inputs) -> None:
-        """Log ratios summed over all ranks in one gather: each term's mean over its items (`mgsr/<term>`) and its
-        stats, the share of on-policy and replayed micro-batches, spans per sequence and span pairs per
-        micro-batch."""
-        mode = "train" if self.model.training else "eval"
-        one = torch.ones((), device=inputs["input_ids"].device)
-        ratios = []  # (key, numerator, denominator)
-        for name, term in terms.items():
-            ratios.append((f"mgsr/{name}", term.total.detach(), term.num_items))
-            ratios += [(f"mgsr/{name}_{stat}", value, term.num_items) for stat, value in term.stats.items()]
-        ratios += [(f"mgsr/{flag}", inputs[f"mgsr_{flag}"], one) for flag in ("on_policy", "replay")
-                   if f"mgsr_{flag}" in inputs]
-        if "span" in terms:
-            ratios.append(("mgsr/spans_per_seq", span_counts(inputs["span_ids"]).sum(), inputs["span_ids"].shape[0]))
-            ratios.append(("mgsr/span_items", terms["span"].num_items, one))
-        values = torch.stack([torch.stack([torch.as_tensor(n, device=one.device).float(),
-                                           torch.as_tensor(d, device=one.device).float()]) for _, n, d in ratios])
-        if self.accelerator.num_processes > 1:  # not gather_for_metrics: it drops ranks at the end of an epoch
-            values = self.accelerator.reduce(values, reduction="sum")
-        summed = values.tolist()
-        for (key, _, _), (numerator, denominator) in zip(ratios, summed):
-            self._metrics[mode][key].append(numerator / denominator if denominator > 0 else 0.0)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        self._rng_resume = resume_from_checkpoint or None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _load_rng_state(self, checkpoint):
-        """Restore RNG state before a resumed run's first generation, not after it.
-
-        On a mid-epoch resume `Trainer` restores the RNG state after `get_batch_samples`, but the on-policy samples
-        are drawn inside it; so the first window restores it itself (before generating) and the Trainer's later
-        call is skipped. When the Trainer restores before the loop (resume at an epoch boundary) nothing changes.
-        """
-        if self._rng_resume == "restored":
-            self._rng_resume = None
-            return
-        self._rng_resume = None
-        super()._load_rng_state(checkpoint)
+    # ------------------------------------------------------------------ evaluation and saving
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """`Trainer.evaluate`; the adaptive schedule also sees the evaluation loss of the trainer's own (first)
@@ -653,49 +428,6 @@ class MGSRTrainer(GKDTrainer):
             self._metrics["train"]["mgsr/student_threshold"].append(self.schedule.threshold)
         return metrics
 
-    def mgsr_state_dict(self) -> dict[str, Any]:
-        """Everything MGSR owns that a resumed run needs and that is not part of the saved student: the schedule
-        (RNG, adaptive threshold, replay buffer) and the band sub-network. Its optimizer state lives in the main
-        optimizer's checkpoint (or here under DeepSpeed/FSDP, where it has its own optimizer)."""
-        state = {"schedule": self.schedule.state_dict()}
-        if self.dac_band_net is not None:
-            state["band_net"] = self.dac_band_net.state_dict()
-        if self._band_optimizer is not None:
-            state["band_optimizer"] = self._band_optimizer.state_dict()
-        return state
-
-    def load_mgsr_state_dict(self, state: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state["schedule"])
-        if self.dac_band_net is not None:
-            self.dac_band_net.load_state_dict(state["band_net"])
-        if self._band_optimizer is not None and "band_optimizer" in state:
-            self._band_optimizer.load_state_dict(state["band_optimizer"])
-
-    def _state_file(self) -> str:
-        """`mgsr_state.pt`, or `mgsr_state_<rank>.pt` with several processes (each rank has its own replay buffer)."""
-        return STATE_FILE if self.args.world_size == 1 else f"mgsr_state_{self.args.process_index}.pt"
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        """With the optimizer (on every backend, before the checkpoint is pushed): each rank's MGSR state."""
-        super()._save_optimizer_and_scheduler(output_dir)
-        os.makedirs(output_dir, exist_ok=True)  # a rank may get here before rank 0 has created it
-        torch.save(self.mgsr_state_dict(), os.path.join(output_dir, self._state_file()))
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        """Runs on every backend (DeepSpeed included) once the optimizers exist."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            self.load_mgsr_checkpoint(checkpoint)
-
-    def load_mgsr_checkpoint(self, checkpoint: str) -> None:
-        """Load this rank's MGSR state from a checkpoint directory; one written with another number of processes
-        falls back to the first rank's state."""
-        for name in (self._state_file(), STATE_FILE, "mgsr_state_0.pt"):
-            path = os.path.join(checkpoint, name)
-            if os.path.isfile(path):
-                self.load_mgsr_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-                return
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, refusing to write a student with non-finite weights."""
         guards.check_weights(self)
@@ -709,129 +441,3 @@ class MGSRTrainer(GKDTrainer):
             model_name = (self.args.hub_model_id or os.path.normpath(self.args.output_dir)).split("/")[-1]
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset_name(dataset_name), tags=tags)
         add_mgsr_section(self, dataset_name)
-
-
-class _BandNetStep(TrainerCallback):
-    """After each optimizer step: step the band's own optimizer (if any) and zero the band's gradients."""
-
-    def __init__(self, trainer: MGSRTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._finish_band_step()
-
-
-# ---------------------------------------------------------------------- construction helpers
-
-
-def _as_mgsr_config(args, model) -> MGSRConfig:
-    if args is None:
-        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
-        return MGSRConfig(f"{str(name).split('/')[-1] or 'model'}-MGSR")
-    if isinstance(args, MGSRConfig):
-        return args
-    if isinstance(args, GKDConfig):
-        values = {f.name: getattr(args, f.name) for f in fields(GKDConfig) if f.init and hasattr(args, f.name)}
-        return MGSRConfig(**values)
-    raise TypeError(f"`args` must be an MGSRConfig (or a GKDConfig), got {type(args).__name__}.")
-
-
-def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
-    """`[B, T]` -> `[B, T]`: `x[:, k + 1]` at position k, `fill` at the last position."""
-    return F.pad(x[:, 1:], (0, 1), value=fill)
-
-
-def _check_adaptive_schedule(args: MGSRConfig, eval_dataset) -> None:
-    """`schedule="adaptive"` moves its student-sample probability only on evaluation losses."""
-    if args.schedule != "adaptive" or (eval_dataset is not None and args.eval_strategy != "no"):
-        return
-    message = (
-        "schedule='adaptive' raises its student-sample probability only when the evaluation loss rises, but this "
-        "run has no evaluation (pass `eval_dataset` and set `eval_strategy` to 'steps' or 'epoch'), so it would stay "
-        f"at init_threshold={args.init_threshold}"
-    )
-    if args.init_threshold == 0:
-        raise ValueError(f"{message}: no student samples at all. Add evaluation, or use schedule='gkd' with `lmbda`.")
-    warnings.warn(f"{message} for the whole run.", stacklevel=3)
-
-
-def _load_teacher(teacher_model, args: MGSRConfig):
-    if teacher_model is None:
-        teacher_model = args.teacher_model_name_or_path
-    if teacher_model is None:
-        raise ValueError(
-            "MGSRTrainer needs a teacher: pass `teacher_model=` (a model or a path/Hub id) or set "
-            "`teacher_model_name_or_path` in the config."
-        )
-    if not isinstance(teacher_model, str):
-        if args.teacher_model_init_kwargs:
-            raise ValueError(
-                "`teacher_model_init_kwargs` is set but `teacher_model` is already a model; drop the kwargs or pass "
-                "the teacher as a path/id."
-            )
-        return teacher_model
-    kwargs = dict(args.teacher_model_init_kwargs or {})
-    dtype = kwargs.get("dtype")
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"teacher_model_init_kwargs['dtype']={dtype!r} is not a torch dtype name.")
-        kwargs["dtype"] = getattr(torch, dtype)
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(teacher_model, **kwargs)
-
-
-def _shared_vocab_size(student, teacher, tokenizer, args: MGSRConfig) -> int:
-    """The vocab size both models' logits are compared on; raise when the vocabularies are not compatible."""
-    student_vocab = student.config.get_text_config().vocab_size
-    teacher_vocab = teacher.config.get_text_config().vocab_size
-    if student_vocab == teacher_vocab:
-        return student_vocab
-    shared = min(student_vocab, teacher_vocab)
-    if len(tokenizer) > shared:
-        raise ValueError(
-            f"The student has vocab_size {student_vocab} and the teacher {teacher_vocab}, and the tokenizer has "
-            f"{len(tokenizer)} tokens, more than the smaller of the two: the models do not share a vocabulary. "
-            "MGSR compares full next-token distributions, so use a teacher from the same tokenizer family."
-        )
-    if not args.truncate_teacher_vocab:
-        raise ValueError(
-            f"The student has vocab_size {student_vocab} and the teacher {teacher_vocab}; every tokenizer id is "
-            f"below {shared}, so the extra rows look like same-family padding. Set `truncate_teacher_vocab=True` "
-            f"to compare logits on the first {shared} entries."
-        )
-    return shared
-
-
-def _named_datasets(train_dataset, eval_dataset):
-    if train_dataset is not None:
-        yield "train_dataset", train_dataset
-    if isinstance(eval_dataset, dict):
-        for key, dataset in eval_dataset.items():
-            yield f"eval_dataset[{key!r}]", dataset
-    elif eval_dataset is not None:
-        yield "eval_dataset", eval_dataset
-
-
-def _shares_weights(model: nn.Module, teacher: nn.Module) -> bool:
-    student_params = {id(p) for p in model.parameters()}
-    return teacher is model or any(id(p) in student_params for p in teacher.parameters())
-
-
-def _validate_dataset(dataset, tokenizer, name: str) -> None:
-    """Check columns and the first row up front, so a bad dataset fails at construction, not mid-training.
-    An iterable (streaming) dataset is checked on its first row; one without rows or columns is left alone."""
-    if isinstance(dataset, datasets.IterableDataset):
-        first = next(iter(dataset), None)
-        if first is None:
-            return
-        columns = list(first)
-    else:
-        columns = getattr(dataset, "column_names", None)
-        if columns is None or len(dataset) == 0:
-            return
-        first = dataset[0]
-    try:
-        detect_format(columns)
-        split_prompt_completion(first, tokenizer, row=0)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
