@@ -16,7 +16,8 @@ not counted); one process, one run after the other:
 | `distillation` | TRL's stable DistillationTrainer (HF generation) | on (its default) | on |
 | `mgsr` | MGSRTrainer defaults | on | on (`generation_use_cache`) |
 | `mgsr_nogc` | MGSRTrainer defaults | off | on |
-| `mgsr_regenerate` | MGSRTrainer, `scrg_continuation="regenerate"` (the paper's SCRG) | on | on |
+| `mgsr_stop` | MGSRTrainer, `scrg_continuation="stop"` (no re-generation) | on | on |
+| `mgsr_stop_nogc` | MGSRTrainer, `scrg_continuation="stop"` | off | on |
 
 A step runs from the start of `get_batch_samples` (MGSR generates there) to `on_step_end`. The profile times each
 phase of the step (they nest; `exclusive` columns are not sums): `sampling` (the on-policy `generate`), `scrg`
@@ -49,7 +50,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, T
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a clone without installing
 
-import trl_mgsr.trainer as mgsr_module  # noqa: E402
+import trl_mgsr.objective as objective_module  # noqa: E402
+import trl_mgsr.trainer as trainer_module  # noqa: E402
 from trl_mgsr import MGSRConfig, MGSRTrainer  # noqa: E402
 from trl_mgsr._trl import GKDConfig, GKDTrainer  # noqa: E402
 from trl_mgsr.lab.models import ModelSettings, train_rows  # noqa: E402
@@ -57,13 +59,15 @@ from trl_mgsr.lab.runner import prepare_models, quiet  # noqa: E402
 from trl_mgsr.lab.tasks import to_messages  # noqa: E402
 
 RESULTS = HERE / "results"
-RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_regenerate")
+RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_stop", "mgsr_stop_nogc")
 QUICK_MODELS = ModelSettings(teacher_hidden=32, teacher_layers=1, teacher_steps=30, student_hidden=16,
                              student_layers=1, init_steps=5, eval_prompts=8)
-LOSS_FUNCTIONS = {"chunked_sft_loss": "loss_sft", "chunked_dac_kl_loss": "loss_dac_kl",
-                  "span_loglik_loss": "loss_span", "chunked_span_loss": "loss_span",
-                  "band_features": "band_net", "band_label_loss": "band_net", "span_ids_from_tokens": "spans",
-                  "scrg_revise": "scrg"}
+PHASE_FUNCTIONS = {  # (module, function): phase
+    (objective_module, "chunked_sft_loss"): "loss_sft", (objective_module, "chunked_dac_kl_loss"): "loss_dac_kl",
+    (objective_module, "span_loglik_loss"): "loss_span", (objective_module, "chunked_span_loss"): "loss_span",
+    (objective_module, "band_features"): "band_net", (objective_module, "band_label_loss"): "band_net",
+    (trainer_module, "span_ids_from_tokens"): "spans", (trainer_module, "scrg_revise"): "scrg",
+}
 
 
 class Profiler:
@@ -191,13 +195,12 @@ def instrument(trainer, kind: str, profiler: Profiler) -> None:
 
     trainer.compute_loss = compute_loss
     if kind.startswith("mgsr"):
-        for function, phase in LOSS_FUNCTIONS.items():
-            profiler.wrap(mgsr_module, function, phase)
-        for method in ("_log_terms", "_log_scrg"):
-            profiler.wrap(trainer, method, "metrics")
-        if trainer.dac_band_net is not None:
-            profiler.wrap(trainer, "_finish_band_step", "band_net")
-            profiler.wrap(trainer, "_sync_band_gradients", "band_net")
+        for (module, function), phase in PHASE_FUNCTIONS.items():
+            profiler.wrap(module, function, phase)
+        profiler.wrap(trainer, "_log_ratios", "metrics")
+        if trainer.band is not None:
+            profiler.wrap(trainer.band, "finish_step", "band_net")
+            profiler.wrap(trainer.band, "average_gradients", "band_net")
             trainer.dac_band_net.register_forward_pre_hook(lambda *a: starts.append(("band_net", _now(profiler))))
             trainer.dac_band_net.register_forward_hook(forward_done)
 
@@ -224,7 +227,7 @@ def build_trainer(kind: str, models: dict, tokenizer, rows: list[dict], opts, ca
         return DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
                                    processing_class=tokenizer, callbacks=callbacks)
     config_cls, trainer_cls = (MGSRConfig, MGSRTrainer) if kind.startswith("mgsr") else (GKDConfig, GKDTrainer)
-    extra = {"scrg_continuation": "regenerate"} if kind == "mgsr_regenerate" else {}
+    extra = {"scrg_continuation": "stop"} if kind.startswith("mgsr_stop") else {}
     config = config_cls(**common, **extra, lmbda=1.0, max_new_tokens=opts.max_new_tokens, max_length=128)
     trainer = trainer_cls(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, callbacks=callbacks)
@@ -309,7 +312,7 @@ def main(argv=None):
     step = {k: r["seconds_per_step"]["step"] for k, r in results.items()}
     ratios = {f"{a}_over_{b}": step[a] / step[b] for a, b in (
         ("mgsr", "gkd"), ("mgsr", "gkd_cache"), ("mgsr_nogc", "gkd_nogc"), ("mgsr", "distillation"),
-        ("mgsr_nogc", "distillation"), ("mgsr_regenerate", "gkd")) if a in step and b in step}
+        ("mgsr_nogc", "distillation"), ("mgsr_stop", "gkd"), ("mgsr_stop_nogc", "gkd_nogc")) if a in step and b in step}
     report = {"settings": {**{k: v for k, v in vars(opts).items() if k != "out"}, "threads": torch.get_num_threads(),
                            "torch": torch.__version__},
               "results": results, "ratios": ratios}

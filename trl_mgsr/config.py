@@ -184,14 +184,11 @@ class MGSRConfig(GKDConfig):
     )
     scrg_reuse_teacher_logits: bool = field(
         default=True,
-        metadata={"help": "Reuse SCRG's teacher logits in the loss where they still hold (no second teacher forward "
-                          "on those rows). Holds one [batch, completion, vocab] tensor per micro-batch of the "
-                          "accumulation window until its loss; turn off to trade that memory for a teacher forward."},
+        metadata={"help": "Reuse SCRG's teacher logits in the loss where they still hold (memory: see the docs)."},
     )
     scrg_continuation: str = field(
         default="regenerate",
-        metadata={"help": "After an SCRG correction: the student re-generates the rest ('regenerate', the paper) or "
-                          "the row ends at the corrected token ('stop': no second generation).",
+        metadata={"help": "After an SCRG correction: 'regenerate' (the paper) or 'stop' (the row ends there).",
                   "choices": list(SCRG_CONTINUATIONS)},
     )
 

@@ -1,0 +1,27 @@
+"""`benchmarks/bench_step.py --quick`: every peer runs and the MGSR profile has its phases (not who is faster)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_step_quick_profiles_every_run(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--quick", "--cache",
+                           str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc",
+                                      "mgsr_stop", "mgsr_stop_nogc"}
+    mgsr = report["results"]["mgsr"]["seconds_per_step"]
+    for phase in ("step", "sampling", "scrg", "scrg_teacher", "student_forward", "sft_forward", "loss_sft",
+                  "loss_dac_kl", "loss_span", "band_net", "backward", "optimizer", "metrics", "host_syncs"):
+        assert phase in mgsr, phase
+    assert "loss_gkd" in report["results"]["gkd"]["seconds_per_step"]
+    assert 0 < report["ratios"]["mgsr_over_gkd"] < 100
