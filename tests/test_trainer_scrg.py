@@ -91,7 +91,7 @@ def test_reused_scrg_teacher_logits_give_the_same_loss_and_gradients(tokenizer, 
     torch.manual_seed(0)
     batch = on_policy_batch(trainer)
     assert trainer._metrics["train"]["mgsr/scrg_corrected_frac"][0] > 0
-    completion = batch["labels"][:, batch["mgsr_prompt_width"]:] != -100
+    completion = batch["labels"][:, batch["prompts"].shape[1]:] != -100
     reused = batch["mgsr_teacher_valid"] >= completion.sum(1)
     assert reused.any() and (continuation == "stop") == bool(reused.all())  # "stop": no row needs the teacher
     params = [p for p in trainer.model.parameters() if p.requires_grad]

@@ -15,6 +15,7 @@ from typing import Any
 from ._trl import GKDConfig
 from .losses.dac_kl import DIVERGENCES
 from .losses.span import SPAN_DISTANCES, SPAN_OBJECTIVES
+from .scrg import CONTINUATIONS as SCRG_CONTINUATIONS
 
 GKD_DEFAULT_BETA = next(f.default for f in fields(GKDConfig) if f.name == "beta")
 
@@ -26,7 +27,6 @@ DAC_BAND_OBJECTIVES = ("label", "joint")
 SPAN_EXTRACTORS = ("builtin", "nltk", "spacy")
 SCRG_TEACHER_TOKENS = ("greedy", "sample")
 SCRG_ERROR_RULES = ("max_divergence", "first_rejected")
-SCRG_CONTINUATIONS = ("regenerate", "stop")
 
 
 @dataclass

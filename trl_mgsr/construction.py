@@ -197,7 +197,7 @@ def default_collator(args: MGSRConfig, tokenizer, span_extractor) -> MGSRDataCol
     )
 
 
-def check_datasets(train_dataset, eval_dataset, tokenizer, collator) -> None:
+def validate_datasets(train_dataset, eval_dataset, tokenizer, collator) -> None:
     """Each dataset's columns and first row; with our collator, a warning saying how many rows get cut, which way."""
     for name, dataset in named_datasets(train_dataset, eval_dataset):
         validate_dataset(dataset, tokenizer, name)

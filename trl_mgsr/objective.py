@@ -117,8 +117,5 @@ def term_ratios(terms: dict[str, LossTerm], inputs: dict[str, Any]) -> list[tupl
 
 
 def scrg_ratios(result) -> list[tuple[str, Any, Any]]:
-    """`(metric, numerator, denominator)` of an `SCRGResult`: the share of rows corrected and, over corrected rows,
-    the mean error position, divergence and re-generated length."""
-    sums = result.metric_sums()
-    return [("mgsr/scrg_corrected_frac", sums["corrected"], sums["rows"])] + [
-        (f"mgsr/scrg_{key}", sums[key], sums["corrected"]) for key in ("error_pos", "divergence", "regen_len")]
+    """`(metric, numerator, denominator)` of an `SCRGResult` under the trainer's names (`mgsr/scrg_<name>`)."""
+    return [(f"mgsr/scrg_{name}", n, d) for name, n, d in result.metric_ratios()]

@@ -100,17 +100,17 @@ class SCRGResult:
             "regen_len": self.regen_len[c].float().sum(),
         }
 
+    def metric_ratios(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """`(name, numerator, denominator)` of each metric, from `metric_sums` (sum both over processes before
+        dividing): `corrected_frac`, and the means over corrected rows `error_pos`, `divergence`, `regen_len`."""
+        s = self.metric_sums()
+        return [("corrected_frac", s["corrected"], s["rows"])] + [
+            (key, s[key], s["corrected"]) for key in ("error_pos", "divergence", "regen_len")]
+
     def metrics(self) -> dict[str, float]:
         """Local (this process's) metrics: share of rows corrected, mean error position, mean `D_j` and mean
         re-generated length (the means over corrected rows; 0 when no row was corrected)."""
-        s = {k: v.item() for k, v in self.metric_sums().items()}
-        n = max(s["corrected"], 1.0)
-        return {
-            "scrg/corrected_frac": s["corrected"] / max(s["rows"], 1.0),
-            "scrg/error_pos": s["error_pos"] / n,
-            "scrg/divergence": s["divergence"] / n,
-            "scrg/regen_len": s["regen_len"] / n,
-        }
+        return {f"scrg/{name}": n.item() / d.item() if d.item() > 0 else 0.0 for name, n, d in self.metric_ratios()}
 
 
 # --------------------------------------------------------------------------------------------------------------

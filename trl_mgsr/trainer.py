@@ -137,7 +137,7 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
         )
         if isinstance(self.data_collator, MGSRDataCollator):  # `chat_template_path` may have given it a template
             self.data_collator.tokenizer = self.processing_class
-        construction.check_datasets(train_dataset, eval_dataset, self.processing_class, self.data_collator)
+        construction.validate_datasets(train_dataset, eval_dataset, self.processing_class, self.data_collator)
         self.shared_vocab_size = construction.shared_vocab_size(self.model, teacher_model, processing_class, args)
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
@@ -274,8 +274,7 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
             )
             completion_ids, completion_mask = result.completion_ids, result.completion_mask
             if result.teacher_logits is not None:
-                cache = {"mgsr_teacher_logits": result.teacher_logits, "mgsr_teacher_valid": result.teacher_valid,
-                         "mgsr_prompt_width": prompts.shape[1]}
+                cache = {"mgsr_teacher_logits": result.teacher_logits, "mgsr_teacher_valid": result.teacher_valid}
             self._log_ratios(objective.scrg_ratios(result), "train")
         ids, mask, labels = assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, **cache}
@@ -373,7 +372,7 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
             cached = inputs.get("mgsr_teacher_logits")
             if cached is None:
                 return self._forward(self.teacher_model, ids, mask).logits
-            logits, need = kept_teacher_logits(cached, inputs["mgsr_teacher_valid"], inputs["mgsr_prompt_width"],
+            logits, need = kept_teacher_logits(cached, inputs["mgsr_teacher_valid"], inputs["prompts"].shape[1],
                                                inputs["labels"])
             if need.numel() == 0 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
                 need = torch.zeros(1, dtype=torch.long, device=ids.device)  # a forward whose result is the cache's
