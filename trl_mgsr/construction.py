@@ -204,7 +204,7 @@ def validate_datasets(train_dataset, eval_dataset, tokenizer, collator) -> None:
         if isinstance(collator, MGSRDataCollator) and not isinstance(dataset, datasets.IterableDataset):
             report = collator.truncation_report(dataset, name)
             if report:
-                warnings.warn(report, stacklevel=4)
+                warnings.warn(report, stacklevel=3)  # the caller of MGSRTrainer()
 
 
 def scrg_options(args: MGSRConfig) -> dict:

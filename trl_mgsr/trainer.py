@@ -108,7 +108,8 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
         quiet_trl_deprecations()
         teacher_model = construction.load_teacher(teacher_model, args)
         construction.check_separate_teacher(model, teacher_model)
-        processing_class = processing_class or construction.default_tokenizer(model, args)
+        if processing_class is None:
+            processing_class = construction.default_tokenizer(model, args)
 
         # Built once here, so a missing NLTK/spaCy fails at construction rather than mid-training.
         self.span_extractor = (
