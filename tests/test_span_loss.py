@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_mgsr.losses import SPAN_DISTANCES, LossTerm, chunked_span_loss, span_loss
+from trl_mgsr.losses import LossTerm, chunked_span_loss, span_loss
 from trl_mgsr.losses import span as span_mod
 
 DISTANCES = ["kl", "l2", "l1"]

@@ -14,19 +14,19 @@ from typing import Any
 
 from ._trl import GKDConfig
 from .losses.dac_kl import DIVERGENCES
+from .losses.dac_kl import STUDENT_SUPPORTS as DAC_STUDENT_SUPPORTS
 from .losses.span import SPAN_DISTANCES, SPAN_OBJECTIVES
 from .scrg import CONTINUATIONS as SCRG_CONTINUATIONS
+from .scrg import ERROR_RULES as SCRG_ERROR_RULES
+from .scrg import KL_DIRECTIONS
+from .scrg import TEACHER_TOKENS as SCRG_TEACHER_TOKENS
 
 GKD_DEFAULT_BETA = next(f.default for f in fields(GKDConfig) if f.name == "beta")
 
 SCHEDULES = ("gkd", "adaptive")
-KL_DIRECTIONS = ("forward", "reverse")
 DAC_MODES = ("learned", "fixed")
-DAC_STUDENT_SUPPORTS = ("full", "band")
 DAC_BAND_OBJECTIVES = ("label", "joint")
 SPAN_EXTRACTORS = ("builtin", "nltk", "spacy")
-SCRG_TEACHER_TOKENS = ("greedy", "sample")
-SCRG_ERROR_RULES = ("max_divergence", "first_rejected")
 
 
 @dataclass

@@ -31,6 +31,7 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,16 +39,22 @@ from .data import position_ids_from_mask
 import torch.nn.functional as F
 
 CONTINUATIONS = ("regenerate", "stop")
+ERROR_RULES = ("max_divergence", "first_rejected")
+KL_DIRECTIONS = ("forward", "reverse")
+TEACHER_TOKENS = ("greedy", "sample")
 
 __all__ = [
     "CONTINUATIONS",
+    "ERROR_RULES",
+    "KL_DIRECTIONS",
+    "TEACHER_TOKENS",
     "SCRGResult",
+    "SCRGSettings",
     "assemble_on_policy_batch",
     "completion_from_generate",
     "completion_mask_from_ids",
     "kept_teacher_logits",
     "scrg_revise",
-    "scrg_round",
 ]
 
 
@@ -325,57 +332,87 @@ def _left_aligned_prefixes(seq, seq_mask, lengths, pad_token_id):
     return ids, mask
 
 
-def scrg_round(
-    student,
-    teacher,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    generation_config,
-    eos_token_ids,
-    pad_token_id: int,
-    error_rule: str = "first_rejected",
-    reject_ratio: float = 0.1,
-    kl_direction: str = "forward",
-    teacher_token: str = "greedy",
-    allow_eos: bool = True,
-    continuation: str = "regenerate",
-    vocab_size: int | None = None,
-    generator: torch.Generator | None = None,
-    student_logits: torch.Tensor | None = None,
-    always_generate: bool = False,
-    generate_kwargs: dict | None = None,
-    chunk_size: int = 1024,
-    keep_teacher_logits: bool = False,
-) -> SCRGResult:
-    """One SCRG round (see `scrg_revise`); `num_corrections` is 0 or 1."""
-    if error_rule not in ("max_divergence", "first_rejected"):
-        raise ValueError(f"scrg: error_rule must be 'max_divergence' or 'first_rejected', got {error_rule!r}.")
-    if continuation not in CONTINUATIONS:
-        raise ValueError(f"scrg: continuation must be one of {CONTINUATIONS}, got {continuation!r}.")
-    if not 0.0 < reject_ratio < 1.0:
-        raise ValueError(f"scrg: reject_ratio must be in (0, 1), got {reject_ratio!r}.")
-    if kl_direction not in ("forward", "reverse"):
-        raise ValueError(f"scrg: kl_direction must be 'forward' or 'reverse', got {kl_direction!r}.")
-    if teacher_token not in ("greedy", "sample"):
-        raise ValueError(f"scrg: teacher_token must be 'greedy' or 'sample', got {teacher_token!r}.")
-    if pad_token_id is None:
-        raise ValueError("scrg: pad_token_id is required (it fills the re-padded prefixes and the completions).")
+@dataclass(frozen=True, eq=False)
+class SCRGSettings:
+    """How `scrg_revise` revises: everything it takes besides the models, the batch, `rounds` and round 1's student
+    logits. Checked on creation.
 
+    generation_config: the student's sampling settings for the re-generation; its `max_new_tokens` is the total
+        completion budget (a revised completion is never longer; None: the input width `L`).
+    eos_token_ids: end token id(s) (int, list or None).
+    pad_token_id: id written on padding (may equal an end token: masks decide, never ids).
+    error_rule: which position is the error. `"max_divergence"` (the paper): `argmax_i D_i` over positions whose
+        token differs from the teacher's; `"first_rejected"`: the first position whose token the teacher rejects,
+        `p_teacher(y_i) < reject_ratio * max_v p_teacher(v)` (no student forward; rows the teacher accepts whole are
+        left unchanged; the recorded divergence is `log(max p / p(y_j))`).
+    reject_ratio: threshold of `"first_rejected"`, in (0, 1).
+    kl_direction: `"forward"`: `D_i = KL(p_teacher || q_student)`; `"reverse"`: `KL(q_student || p_teacher)`.
+    teacher_token: `"greedy"` (teacher argmax) or `"sample"` (a sample from the teacher, drawn with `generator`).
+    allow_eos: whether an end token may be the correction; if False, positions whose teacher token is an end token
+        are not candidates.
+    continuation: what follows a correction: `"regenerate"` (the paper: the student re-generates the rest) or
+        `"stop"` (the row ends at the correction `y_<j + [t_j]`, without an end token; no `generate` call, and a
+        further round changes nothing, the kept prefix being accepted by the teacher).
+    vocab_size: compare (and take the teacher token) over the first `vocab_size` logits of both models only
+        (`truncate_teacher_vocab`); None requires equal vocab sizes.
+    generator: RNG for `teacher_token="sample"` (on the logits' device). The student's re-generation samples with
+        the global RNG like `generate` always does.
+    always_generate: call `student.generate` in every round even when no row needs re-generation (a one-token dummy
+        call). Set it when every process must run the same collectives (ZeRO-3/FSDP without gathered parameters;
+        pass `generate_kwargs={"synced_gpus": True}` too). Every round always runs both forwards.
+    generate_kwargs: extra keyword arguments of `student.generate`.
+    chunk_size: positions per chunk when computing `D` (bounds the float32 `[chunk, V]` working tensors).
+    keep_teacher_logits: return the last round's teacher logits and how far each revised row still matches them
+        (`SCRGResult.teacher_logits`, `teacher_valid`), so that a loss needs no second teacher forward where they
+        are right.
+    """
+
+    generation_config: Any
+    eos_token_ids: int | Iterable[int] | None
+    pad_token_id: int
+    error_rule: str = "first_rejected"
+    reject_ratio: float = 0.1
+    kl_direction: str = "forward"
+    teacher_token: str = "greedy"
+    allow_eos: bool = True
+    continuation: str = "regenerate"
+    vocab_size: int | None = None
+    generator: torch.Generator | None = None
+    always_generate: bool = False
+    generate_kwargs: dict | None = None
+    chunk_size: int = 1024
+    keep_teacher_logits: bool = False
+
+    def __post_init__(self):
+        if self.error_rule not in ERROR_RULES:
+            raise ValueError(f"scrg: error_rule must be 'max_divergence' or 'first_rejected', got {self.error_rule!r}.")
+        if self.continuation not in CONTINUATIONS:
+            raise ValueError(f"scrg: continuation must be one of {CONTINUATIONS}, got {self.continuation!r}.")
+        if not 0.0 < self.reject_ratio < 1.0:
+            raise ValueError(f"scrg: reject_ratio must be in (0, 1), got {self.reject_ratio!r}.")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ValueError(f"scrg: kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}.")
+        if self.teacher_token not in TEACHER_TOKENS:
+            raise ValueError(f"scrg: teacher_token must be 'greedy' or 'sample', got {self.teacher_token!r}.")
+        if self.pad_token_id is None:
+            raise ValueError("scrg: pad_token_id is required (it fills the re-padded prefixes and the completions).")
+
+
+def _revise_once(student, teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, opts: SCRGSettings,
+                 student_logits: torch.Tensor | None) -> SCRGResult:
+    """One SCRG round (see `scrg_revise`); `num_corrections` is 0 or 1."""
     device = completion_ids.device
     B, L = completion_ids.shape
     completion_mask = completion_mask.to(prompt_mask.dtype)
-    budget = generation_config.max_new_tokens if generation_config.max_new_tokens is not None else L
-    eos = _eos_tensor(eos_token_ids, device)
+    budget = opts.generation_config.max_new_tokens if opts.generation_config.max_new_tokens is not None else L
+    eos = _eos_tensor(opts.eos_token_ids, device)
     unchanged_long = torch.full((B,), -1, dtype=torch.long, device=device)
 
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
 
     # --- 1-2. teacher-forced logits, D_i, t_i and the teacher's verdict on y_i ------------------------------------
-    needs_student = error_rule == "max_divergence"
+    needs_student = opts.error_rule == "max_divergence"
     if L > 0:
         with torch.no_grad(), _eval_mode(teacher, student if needs_student and student_logits is None else None):
             t_logits = _completion_logits(teacher, input_ids, attention_mask, L)
@@ -383,12 +420,12 @@ def scrg_round(
             if needs_student:
                 s_logits = (_completion_logits(student, input_ids, attention_mask, L) if student_logits is None
                             else student_logits[:, :L])
-            t_logits, s_logits = _check_vocab(t_logits, s_logits, vocab_size)
+            t_logits, s_logits = _check_vocab(t_logits, s_logits, opts.vocab_size)
             D, t, gap = _differences(
-                t_logits, s_logits, completion_ids, kl_direction=kl_direction, teacher_token=teacher_token,
-                generator=generator, chunk_size=chunk_size,
+                t_logits, s_logits, completion_ids, kl_direction=opts.kl_direction, teacher_token=opts.teacher_token,
+                generator=opts.generator, chunk_size=opts.chunk_size,
             )
-            kept_logits = t_logits if keep_teacher_logits else None
+            kept_logits = t_logits if opts.keep_teacher_logits else None
             del t_logits, s_logits
         t, gap = t.to(device), gap.to(device)
         D = D.to(device) if D is not None else -gap  # first_rejected: the recorded divergence is -log p ratio
@@ -400,12 +437,12 @@ def scrg_round(
 
     # --- 3. error position -----------------------------------------------------------------------------------------
     candidates = (completion_ids != t) & completion_mask.bool()
-    if error_rule == "first_rejected":
-        candidates &= gap < math.log(reject_ratio)
-    if not allow_eos and eos is not None:
+    if opts.error_rule == "first_rejected":
+        candidates &= gap < math.log(opts.reject_ratio)
+    if not opts.allow_eos and eos is not None:
         candidates &= ~torch.isin(t, eos)
     corrected = candidates.any(dim=1)
-    if error_rule == "first_rejected":
+    if opts.error_rule == "first_rejected":
         j = candidates.to(torch.int8).argmax(dim=1) if L > 0 else torch.zeros(B, dtype=torch.long, device=device)
     else:
         masked_D = D.masked_fill(~candidates, float("-inf"))
@@ -421,12 +458,12 @@ def scrg_round(
         fixed[rows[corrected], j[corrected]] = t_j[corrected]
     ends_at_j = torch.isin(t_j, eos) if eos is not None else torch.zeros_like(corrected)
     left = (budget - (j + 1)).clamp(min=0)  # budget left after position j
-    regen_rows = corrected & ~ends_at_j & (left > 0) & (continuation == "regenerate")
+    regen_rows = corrected & ~ends_at_j & (left > 0) & (opts.continuation == "regenerate")
 
     lengths = torch.where(corrected, j + 1, completion_mask.sum(dim=1).long())
     regen_len = torch.zeros(B, dtype=torch.long, device=device)
     new_tokens = None
-    if regen_rows.any() or (always_generate and continuation == "regenerate"):
+    if regen_rows.any() or (opts.always_generate and opts.continuation == "regenerate"):
         new_tokens, regen_len = _regenerate(
             student,
             input_ids=torch.cat([prompt_ids, fixed], dim=1),
@@ -434,20 +471,20 @@ def scrg_round(
             prefix_lengths=prompt_ids.shape[1] + j + 1,
             regen_rows=regen_rows,
             left=left,
-            generation_config=generation_config,
-            eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id,
-            generate_kwargs=generate_kwargs,
+            generation_config=opts.generation_config,
+            eos_token_ids=opts.eos_token_ids,
+            pad_token_id=opts.pad_token_id,
+            generate_kwargs=opts.generate_kwargs,
         )
     lengths = lengths + regen_len
 
     # --- assemble the revised completions ------------------------------------------------------------------------
     width = max(L, int(lengths.max().item()) if B > 0 else 0)
-    out_ids = torch.full((B, width), pad_token_id, dtype=completion_ids.dtype, device=device)
+    out_ids = torch.full((B, width), opts.pad_token_id, dtype=completion_ids.dtype, device=device)
     out_ids[:, :L] = fixed
     positions = torch.arange(width, device=device).unsqueeze(0)
     # Corrected rows: keep y_<j + [t_j] and clear what followed.
-    out_ids = torch.where(corrected.unsqueeze(1) & (positions > j.unsqueeze(1)), pad_token_id, out_ids)
+    out_ids = torch.where(corrected.unsqueeze(1) & (positions > j.unsqueeze(1)), opts.pad_token_id, out_ids)
     if new_tokens is not None and regen_rows.any():
         G = new_tokens.shape[1]
         cols = (j + 1).unsqueeze(1) + torch.arange(G, device=device).unsqueeze(0)  # [B, G]
@@ -468,7 +505,7 @@ def scrg_round(
         regen_len=torch.where(corrected, regen_len, torch.zeros_like(regen_len)),
         num_corrections=corrected.long(),
         teacher_logits=kept_logits,
-        teacher_valid=torch.where(corrected, j + 1, torch.full_like(j, L)) if keep_teacher_logits else None,
+        teacher_valid=torch.where(corrected, j + 1, torch.full_like(j, L)) if opts.keep_teacher_logits else None,
     )
 
 
@@ -537,23 +574,9 @@ def scrg_revise(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     *,
-    generation_config,
-    eos_token_ids: int | Iterable[int] | None,
-    pad_token_id: int,
     rounds: int = 1,
-    error_rule: str = "first_rejected",
-    reject_ratio: float = 0.1,
-    kl_direction: str = "forward",
-    teacher_token: str = "greedy",
-    allow_eos: bool = True,
-    continuation: str = "regenerate",
-    vocab_size: int | None = None,
-    generator: torch.Generator | None = None,
     student_logits: torch.Tensor | None = None,
-    always_generate: bool = False,
-    generate_kwargs: dict | None = None,
-    chunk_size: int = 1024,
-    keep_teacher_logits: bool = False,
+    **settings,
 ) -> SCRGResult:
     """Sequence correction and re-generation of a batch of student samples (DESIGN.md §2).
 
@@ -563,37 +586,10 @@ def scrg_revise(
         prompt_ids, prompt_mask: `[B, P]` left-padded prompts and their attention mask.
         completion_ids, completion_mask: `[B, L]` the student's sampled completions, mask 1 on real tokens up to and
             including the first end token (see `completion_from_generate`).
-        generation_config: the student's sampling settings for the re-generation; its `max_new_tokens` is the total
-            completion budget (a revised completion is never longer; None: the input width `L`).
-        eos_token_ids: end token id(s) (int, list or None).
-        pad_token_id: id written on padding (may equal an end token: masks decide, never ids).
         rounds: correction rounds (0 returns the input unchanged); each round revises the previous round's output.
-        error_rule: which position is the error. `"max_divergence"` (the paper): `argmax_i D_i` over positions whose
-            token differs from the teacher's; `"first_rejected"`: the first position whose token the teacher
-            rejects, `p_teacher(y_i) < reject_ratio * max_v p_teacher(v)` (no student forward; rows the teacher
-            accepts whole are left unchanged; the recorded divergence is `log(max p / p(y_j))`).
-        reject_ratio: threshold of `"first_rejected"`, in (0, 1).
-        kl_direction: `"forward"`: `D_i = KL(p_teacher || q_student)`; `"reverse"`: `KL(q_student || p_teacher)`.
-        teacher_token: `"greedy"` (teacher argmax) or `"sample"` (a sample from the teacher, drawn with `generator`).
-        allow_eos: whether an end token may be the correction; if False, positions whose teacher token is an end
-            token are not candidates.
-        continuation: what follows a correction: `"regenerate"` (the paper: the student re-generates the rest) or
-            `"stop"` (the row ends at the correction `y_<j + [t_j]`, without an end token; no `generate` call, and
-            a further round changes nothing, the kept prefix being accepted by the teacher).
-        vocab_size: compare (and take the teacher token) over the first `vocab_size` logits of both models only
-            (`truncate_teacher_vocab`); None requires equal vocab sizes.
-        generator: RNG for `teacher_token="sample"` (on the logits' device). The student's re-generation samples
-            with the global RNG like `generate` always does.
         student_logits: optional `[B, >=L, V]` student logits for round 1 (e.g. the generation pass's
             `output_logits`), which saves the student forward of round 1.
-        always_generate: call `student.generate` in every round even when no row needs re-generation (a one-token
-            dummy call). Set it when every process must run the same collectives (ZeRO-3/FSDP without gathered
-            parameters; pass `generate_kwargs={"synced_gpus": True}` too). Every round always runs both forwards.
-        generate_kwargs: extra keyword arguments of `student.generate`.
-        chunk_size: positions per chunk when computing `D` (bounds the float32 `[chunk, V]` working tensors).
-        keep_teacher_logits: return the last round's teacher logits and how far each revised row still matches
-            them (`SCRGResult.teacher_logits`, `teacher_valid`), so that a loss needs no second teacher forward
-            where they are right.
+        settings: the fields of `SCRGSettings` (`generation_config`, `eos_token_ids` and `pad_token_id` required).
 
     Returns:
         `SCRGResult`; rows are revised independently, so the result of a batch equals revising each row alone (up
@@ -601,6 +597,7 @@ def scrg_revise(
     """
     if rounds < 0:
         raise ValueError(f"scrg: rounds must be >= 0, got {rounds}.")
+    opts = SCRGSettings(**settings)
     B = completion_ids.shape[0]
     device = completion_ids.device
     result = SCRGResult(
@@ -616,30 +613,8 @@ def scrg_revise(
     if B == 0:
         return result
     for r in range(rounds):
-        step = scrg_round(
-            student,
-            teacher,
-            prompt_ids,
-            prompt_mask,
-            result.completion_ids,
-            result.completion_mask,
-            generation_config=generation_config,
-            eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id,
-            error_rule=error_rule,
-            reject_ratio=reject_ratio,
-            kl_direction=kl_direction,
-            teacher_token=teacher_token,
-            allow_eos=allow_eos,
-            continuation=continuation,
-            vocab_size=vocab_size,
-            generator=generator,
-            student_logits=student_logits if r == 0 else None,
-            always_generate=always_generate,
-            generate_kwargs=generate_kwargs,
-            chunk_size=chunk_size,
-            keep_teacher_logits=keep_teacher_logits,
-        )
+        step = _revise_once(student, teacher, prompt_ids, prompt_mask, result.completion_ids, result.completion_mask,
+                            opts, student_logits if r == 0 else None)
         c = step.corrected
         result = SCRGResult(
             completion_ids=step.completion_ids,

@@ -66,7 +66,7 @@ def build_tokenizer(
     return fast
 
 
-def _special_ids(tokenizer) -> dict:
+def _special_token_kwargs(tokenizer) -> dict:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -89,7 +89,7 @@ def build_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, vocab_siz
         max_position_embeddings=512,
         tie_word_embeddings=False,
         attn_implementation="eager",
-        **_special_ids(tokenizer),
+        **_special_token_kwargs(tokenizer),
     )
     return LlamaForCausalLM(config)
 
@@ -106,7 +106,7 @@ def build_gpt2(tokenizer, hidden_size: int = 32, num_layers: int = 2, vocab_size
         n_head=2,
         n_positions=512,
         attn_implementation="eager",
-        **_special_ids(tokenizer),
+        **_special_token_kwargs(tokenizer),
     )
     return GPT2LMHeadModel(config)
 

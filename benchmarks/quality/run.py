@@ -371,7 +371,6 @@ def parse_label(label: str, s: Settings) -> tuple[str, int]:
 
 def train_method(name: str, s: Settings, lr: float, adir: Path, data_dir: Path, work: Path, label: str) -> dict:
     """Train one method from the initial student; return its log and timings (the model is saved in `work`)."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
     from trl.experimental.gkd import GKDConfig, GKDTrainer

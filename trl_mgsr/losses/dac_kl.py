@@ -36,13 +36,14 @@ Every function follows the `LossTerm` contract: sums over valid positions (`labe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .terms import LossTerm, chunk_rows, labelled_rows, row_grad_buffer, scale_saved_grad, write_rows
+from .terms import (LossTerm, chunk_rows, labelled_rows, log_softmax32, row_grad_buffer, rowdot, scale_saved_grad,
+                    write_rows)
 
 # Clamp of the inverse sigmoid that initialises DACBandNet at band edges like lo=0. Not smaller: an edge started at
 # sigmoid(b) = 1e-4 gets a gradient 1e-4 times too small and never moves (measured); at 0.02 the start band differs
@@ -110,58 +111,67 @@ def _logit(x: float) -> float:
     return math.log(x / (1 - x))
 
 
+DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse")
+STUDENT_SUPPORTS = ("full", "band")
+
+
 @dataclass(frozen=True)
-class _Opts:
-    sharpness: float
-    support: str
-    divergence: str
-    temperature: float
-    num_features: int
-    top_k: int | None
+class DACKLSettings:
+    """The options of `dac_kl_loss` and `chunked_dac_kl_loss` (MGSRConfig's `dac_*` fields), checked on creation.
+
+    lo, hi: the fixed band (used when no band sub-network or explicit band is given; `min_width` only checks it).
+    sharpness: slope `s` of the soft band edges. student_support: "full" or "band" (module docstring).
+    divergence: one of `DIVERGENCES`; beta: JSD interpolation (in [0, 1]); skew: skew-KL mixing (in [0, 1)).
+    temperature: divides both models' logits. num_features: teacher probabilities fed to the band sub-network (a
+    given `band_net`'s own count wins). top_k: sort only the teacher's top-k tokens (None: the whole vocabulary).
+    """
+
+    lo: float = 0.0
+    hi: float = 0.95
+    min_width: float = 0.5
+    sharpness: float = 50.0
+    student_support: str = "full"
+    divergence: str = "forward"
+    temperature: float = 1.0
+    num_features: int = 32
+    top_k: int | None = None
     beta: float = 0.5
     skew: float = 0.1
 
+    def __post_init__(self):
+        if self.student_support not in STUDENT_SUPPORTS:
+            raise ValueError(f"dac_kl_loss: student_support must be 'full' or 'band', got {self.student_support!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"dac_kl_loss: divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.student_support == "band" and self.divergence not in ("forward", "reverse"):
+            raise ValueError(f"dac_kl_loss: student_support='band' takes divergence 'forward' or 'reverse', got "
+                             f"{self.divergence!r}")
+        if not (0 <= self.beta <= 1 and 0 <= self.skew < 1):
+            raise ValueError(f"dac_kl_loss: beta must be in [0, 1] and skew in [0, 1), got {self.beta}, {self.skew}")
+        if self.sharpness <= 0 or self.temperature <= 0:
+            raise ValueError("dac_kl_loss: sharpness and temperature must be > 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"dac_kl_loss: top_k must be None or >= 1, got {self.top_k}")
 
-DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse")
 
-
-def _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, sharpness, student_support,
-           divergence, temperature, num_features, top_k, beta=0.5, skew=0.1) -> _Opts:
+def _settings(student_logits, teacher_logits, labels, band_net, settings: dict) -> DACKLSettings:
+    """The checked settings of one call: shapes, options, the fixed band when no `band_net` predicts it."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"dac_kl_loss: student {tuple(student_logits.shape)} and teacher "
                          f"{tuple(teacher_logits.shape)} logits differ in shape")
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"dac_kl_loss: labels {tuple(labels.shape)} do not match logits "
                          f"{tuple(student_logits.shape)}")
-    if student_support not in ("full", "band"):
-        raise ValueError(f"dac_kl_loss: student_support must be 'full' or 'band', got {student_support!r}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"dac_kl_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if student_support == "band" and divergence not in ("forward", "reverse"):
-        raise ValueError(f"dac_kl_loss: student_support='band' takes divergence 'forward' or 'reverse', got "
-                         f"{divergence!r}")
-    if not (0 <= beta <= 1 and 0 <= skew < 1):
-        raise ValueError(f"dac_kl_loss: beta must be in [0, 1] and skew in [0, 1), got {beta}, {skew}")
-    if sharpness <= 0 or temperature <= 0:
-        raise ValueError("dac_kl_loss: sharpness and temperature must be > 0")
-    if band_net is None and not (0 <= lo < hi <= 1 and hi - lo >= min_width - 1e-9):
-        raise ValueError(f"dac_kl_loss: fixed band [{lo}, {hi}] needs 0 <= lo < hi <= 1 and width >= {min_width}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"dac_kl_loss: top_k must be None or >= 1, got {top_k}")
-    if band_net is not None:
-        num_features = band_net.num_features
-    return _Opts(float(sharpness), student_support, divergence, float(temperature), num_features, top_k, float(beta),
-                 float(skew))
-
-
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = logits.float() / temperature
-    return x - x.logsumexp(-1, keepdim=True)
+    opts = DACKLSettings(**settings)
+    if band_net is None and not (0 <= opts.lo < opts.hi <= 1 and opts.hi - opts.lo >= opts.min_width - 1e-9):
+        raise ValueError(f"dac_kl_loss: fixed band [{opts.lo}, {opts.hi}] needs 0 <= lo < hi <= 1 and width >= "
+                         f"{opts.min_width}")
+    return opts if band_net is None else replace(opts, num_features=band_net.num_features)
 
 
 def _features(teacher_logits: torch.Tensor, temperature: float, num_features: int) -> torch.Tensor:
     """Top-`num_features` teacher probabilities `[N, F]` (float32, descending, zero-padded) of logits `[N, V]`."""
-    lp = _log_softmax32(teacher_logits, temperature)
+    lp = log_softmax32(teacher_logits, temperature)
     top = lp.topk(min(num_features, lp.shape[-1]), dim=-1).values.exp()
     return F.pad(top, (0, num_features - top.shape[-1]))
 
@@ -191,7 +201,7 @@ def band_label_loss(lo: torch.Tensor, hi: torch.Tensor, teacher_flat: torch.Tens
     c = torch.empty_like(c_prev)
     with torch.no_grad():
         for sl, r in chunk_rows(rows, chunk_size):
-            p = _log_softmax32(teacher_flat[r], temperature).exp_()
+            p = log_softmax32(teacher_flat[r], temperature).exp_()
             p_y = p.gather(1, targets_flat[r].unsqueeze(-1))
             c_prev[sl] = (p * (p > p_y)).sum(-1)
             c[sl] = c_prev[sl] + p_y.squeeze(-1)
@@ -200,7 +210,7 @@ def band_label_loss(lo: torch.Tensor, hi: torch.Tensor, teacher_flat: torch.Tens
     return LossTerm(total, rows.new_tensor(rows.numel()), {"coverage": log_m.detach().exp().sum()})
 
 
-def _edges(lp: torch.Tensor, lo, hi, opts: _Opts):
+def _edges(lp: torch.Tensor, lo, hi, opts: DACKLSettings):
     """Sorted cumulative mass and the sigmoid arguments of the two band edges.
 
     Returns `(idx [N, k], xa [N, k], xb [N, k], tail)`: `xa = s (c - lo)`, `xb = s (hi - c_prev)` per sorted token
@@ -252,16 +262,16 @@ def _log_one_minus_mask(xa, xb):
     return torch.logaddexp(F.logsigmoid(-xa), F.logsigmoid(xa) + F.logsigmoid(-xb))
 
 
-def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: _Opts):
+def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: DACKLSettings):
     """Per-row loss, kept token count and kept mass `[N]` of rows `z`, `t` `[N, V]`; plain autograd ops."""
     V = t.shape[-1]
-    lp = _log_probs(t.detach(), opts.temperature)
-    lq = _log_probs(z, opts.temperature)
+    lp = log_softmax32(t.detach(), opts.temperature)
+    lq = log_softmax32(z, opts.temperature)
     lm = l1m = None
     if not (_is_hard(lo, 0.0) and _is_hard(hi, 1.0)):
         idx, xa, xb, tail = _edges(lp, lo, hi, opts)
         lm = _to_vocab(_log_mask(xa, xb), tail and _log_mask(*tail), idx, V)
-        if opts.support == "band":
+        if opts.student_support == "band":
             l1m = _to_vocab(_log_one_minus_mask(xa, xb), tail and _log_one_minus_mask(*tail), idx, V)
     if lm is None:  # band [0, 1]: every token kept exactly, p~ = p
         kept_tokens = torch.full_like(lp[:, 0], V)
@@ -269,7 +279,7 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: _Opts):
     else:
         kept_tokens = lm.exp().sum(-1)
         kept_mass = (lm + lp).logsumexp(-1).exp()
-    if opts.support == "full":
+    if opts.student_support == "full":
         lpt = lp if lm is None else (lm + lp).log_softmax(-1)
         loss = _divergence(lpt, lq, opts)
     else:
@@ -292,7 +302,7 @@ def _mix(la: torch.Tensor, lb: torch.Tensor, weight_a: float) -> torch.Tensor:
     return torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
 
 
-def _divergence(lpt: torch.Tensor, lq: torch.Tensor, opts: _Opts) -> torch.Tensor:
+def _divergence(lpt: torch.Tensor, lq: torch.Tensor, opts: DACKLSettings) -> torch.Tensor:
     """Per-row divergence between the clipped teacher `p~` and the student `q` (log-probabilities `[n, V]`).
 
     forward `KL(p~||q)`; reverse `KL(q||p~)`; jsd: GKD's generalised JSD, `beta KL(p~||m) + (1-beta) KL(q||m)`
@@ -314,13 +324,13 @@ def _divergence(lpt: torch.Tensor, lq: torch.Tensor, opts: _Opts) -> torch.Tenso
     return _kl(lq, lpt if opts.skew == 0 else _mix(lq, lpt, opts.skew))
 
 
-def _chunk_with_grads(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: bool):
+def _chunk_with_grads(z, t, lo, hi, opts: DACKLSettings, need_z: bool, need_band: bool):
     """Loss sum, stats and gradients (w.r.t. `z` rows in float32, and per-row `lo`, `hi`) of one chunk.
 
     `"full"` support with the forward or reverse KL has closed-form gradients (no autograd graph kept); the other
     divergences and `"band"` support use a local autograd pass.
     """
-    if opts.support == "full" and opts.divergence in ("forward", "reverse"):
+    if opts.student_support == "full" and opts.divergence in ("forward", "reverse"):
         return _chunk_full_closed_form(z, t, lo, hi, opts, need_z, need_band)
     with torch.enable_grad():
         zz = z.detach().float().requires_grad_(need_z)
@@ -335,7 +345,7 @@ def _chunk_with_grads(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: bool):
     return total.detach(), kept_tokens.sum(), kept_mass.sum(), gz, glo, ghi
 
 
-def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: bool):
+def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, need_band: bool):
     """`"full"` support in closed form, in place where possible (a few `[n, V]` float32 tensors at a time).
 
     With `A = log m + log p`, `P = softmax(A)` (= p~) and `D = log P - log q`:
@@ -346,7 +356,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
     is added to `log p` in place, so no `[n, V]` log-sum-exp is needed beyond the two log-softmaxes.
     """
     V, s = t.shape[-1], opts.sharpness
-    log_pt = _log_softmax32(t, opts.temperature)
+    log_pt = log_softmax32(t, opts.temperature)
     n = log_pt.shape[0]
     hard_lo, hard_hi = _is_hard(lo, 0.0), _is_hard(hi, 1.0)
     idx = coefs = None
@@ -364,7 +374,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
         lm = F.logsigmoid(xa) if xa is not None else F.logsigmoid(xb)
         if xa is not None and xb is not None:
             lm += F.logsigmoid(xb)
-        mass, kept_tokens = _rowdot(lm.exp(), ps), lm.exp().sum(-1)
+        mass, kept_tokens = rowdot(lm.exp(), ps), lm.exp().sum(-1)
         del ps
         tail = None
         if k < V:
@@ -387,18 +397,18 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
         else:
             idx = None
         del xa, xb, tail
-    lq = _log_softmax32(z, opts.temperature)
+    lq = log_softmax32(z, opts.temperature)
     d = log_pt - lq  # D = log p~ - log q
     d.masked_fill_(torch.isneginf(log_pt if opts.divergence == "forward" else lq), 0.0)  # 0 log 0 = 0
     q, pt = lq.exp_(), log_pt.exp_()
     del lq, log_pt
     inv_t = 1.0 / opts.temperature
     if opts.divergence == "forward":
-        loss = _rowdot(pt, d)
+        loss = rowdot(pt, d)
         g_a = d.sub_(loss[:, None]).mul_(pt) if idx is not None else None  # P (D - L)
         gz = q.sub_(pt) if need_z else None
     else:
-        loss = -_rowdot(q, d)
+        loss = -rowdot(q, d)
         g_a = pt.sub_(q) if idx is not None else None  # P - q
         gz = d.add_(loss[:, None]).mul_(q).neg_() if need_z else None
     if gz is not None and inv_t != 1.0:
@@ -411,18 +421,6 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: _Opts, need_z: bool, need_band: 
         del g_a, idx
         glo, ghi = (_band_grad(g_sorted, g_tail, pair, edge) for pair, edge in zip(coefs, (lo, hi)))
     return loss.sum(), kept_tokens.sum(), kept_mass.sum(), gz, glo, ghi
-
-
-def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """float32 `log_softmax(x / temperature)` of rows `[n, V]` (x is never modified)."""
-    if temperature != 1.0:
-        x = x.float() / temperature
-    return torch.log_softmax(x, dim=-1, dtype=torch.float32)
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of `[n, V]` tensors without an `[n, V]` temporary."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def _band_grad(g_sorted, g_tail, coefs, edge):
@@ -453,36 +451,29 @@ def dac_kl_loss(
     labels: torch.Tensor,
     *,
     band_net: DACBandNet | None = None,
-    lo: float = 0.0,
-    hi: float = 0.95,
-    min_width: float = 0.5,
-    sharpness: float = 50.0,
-    student_support: str = "full",
-    divergence: str = "forward",
-    temperature: float = 1.0,
-    num_features: int = 32,
-    top_k: int | None = None,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    **settings,
 ) -> LossTerm:
     """Reference DAC-KL (plain autograd, whole batch at once).
 
     student_logits, teacher_logits: `[B, T, V]` or `[N, V]`, aligned (position k predicts `labels[..., k]`);
-    labels: `[B, T]` / `[N]`, -100 = ignored. The teacher is detached. `band_net=None` is the fixed band
-    `(lo, hi)` (`dac_mode="fixed"`; `min_width` only validates it), else `band_net` predicts `(lo, hi)` per
-    position from the detached top-`band_net.num_features` teacher probabilities and receives gradients through
-    the soft mask. Returns `LossTerm(total, num_items=#valid positions, stats)` with `stats` sums of `lo`, `hi`,
-    soft kept token count and kept teacher mass over the valid positions.
+    labels: `[B, T]` / `[N]`, -100 = ignored. The teacher is detached. `settings`: the fields of `DACKLSettings`
+    (`lo`, `hi`, `divergence`, ...). `band_net=None` is the fixed band `(lo, hi)` (`dac_mode="fixed"`), else
+    `band_net` predicts `(lo, hi)` per position from the detached top-`band_net.num_features` teacher
+    probabilities and receives gradients through the soft mask. Returns `LossTerm(total, num_items=#valid
+    positions, stats)` with `stats` sums of `lo`, `hi`, soft kept token count and kept teacher mass over the valid
+    positions.
     """
-    opts = _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, sharpness, student_support,
-                  divergence, temperature, num_features, top_k, beta, skew)
+    opts = _settings(student_logits, teacher_logits, labels, band_net, settings)
     s_flat, t_flat, rows = _valid_rows(student_logits, teacher_logits, labels)
     z, t = s_flat[rows], t_flat[rows].detach()
     n = rows.numel()
-    if band_net is not None:
+    if band_net is None:
+        lo, hi = opts.lo, opts.hi
+        lo_sum, hi_sum = _fixed_sums(lo, hi, n, z)
+    else:
         lo, hi = band_net(_features(t, opts.temperature, opts.num_features))
+        lo_sum, hi_sum = lo.sum(), hi.sum()
     loss, kept_tokens, kept_mass = _rows_autograd(z, t, lo, hi, opts)
-    lo_sum, hi_sum = (lo.sum(), hi.sum()) if band_net is not None else _fixed_sums(lo, hi, n, z)
     return LossTerm(loss.sum(), rows.new_tensor(n), _stats(lo_sum, hi_sum, kept_tokens.sum(), kept_mass.sum()))
 
 
@@ -534,20 +525,10 @@ def chunked_dac_kl_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    band_net: DACBandNet | None = None,
-    lo: float = 0.0,
-    hi: float = 0.95,
-    min_width: float = 0.5,
-    sharpness: float = 50.0,
-    student_support: str = "full",
-    divergence: str = "forward",
-    temperature: float = 1.0,
-    num_features: int = 32,
-    top_k: int | None = None,
-    beta: float = 0.5,
-    skew: float = 0.1,
     chunk_size: int = 1024,
+    band_net: DACBandNet | None = None,
     band: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **settings,
 ) -> LossTerm:
     """Memory-bounded DAC-KL: same arguments and result as `dac_kl_loss` (loss and gradients), plus `chunk_size`.
 
@@ -560,8 +541,7 @@ def chunked_dac_kl_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunked_dac_kl_loss: chunk_size must be >= 1, got {chunk_size}")
-    opts = _check(student_logits, teacher_logits, labels, band_net, lo, hi, min_width, sharpness, student_support,
-                  divergence, temperature, num_features, top_k, beta, skew)
+    opts = _settings(student_logits, teacher_logits, labels, band_net, settings)
     s_flat, t_flat, rows = _valid_rows(student_logits, teacher_logits, labels)
     t_flat = t_flat.detach()
     n = rows.numel()
@@ -572,8 +552,8 @@ def chunked_dac_kl_loss(
         lo_sum, hi_sum = band_lo.sum(), band_hi.sum()
     else:
         band_lo = band_hi = s_flat.new_zeros(0, dtype=torch.float32)
-        fixed = (float(lo), float(hi))
-        lo_sum, hi_sum = _fixed_sums(lo, hi, n, s_flat)
+        fixed = (float(opts.lo), float(opts.hi))
+        lo_sum, hi_sum = _fixed_sums(opts.lo, opts.hi, n, s_flat)
     total, kept_tokens, kept_mass = _ChunkedDACKL.apply(
         s_flat, band_lo, band_hi, t_flat, rows, opts, chunk_size, fixed)
     return LossTerm(total, rows.new_tensor(n), _stats(lo_sum, hi_sum, kept_tokens, kept_mass))

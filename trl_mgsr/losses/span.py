@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..spans import span_groups, span_pair_mask
-from .terms import LossTerm, chunked_token_logprobs
+from .terms import LossTerm, chunked_token_logprobs, rowdot
 
 SPAN_DISTANCES = ("kl", "l2", "l1")
 SPAN_OBJECTIVES = ("loglik", "product")
@@ -52,6 +52,14 @@ def _check(student_logits, teacher_logits, labels, span_ids, distance, temperatu
             f"logits {tuple(student_logits.shape)}, labels {tuple(labels.shape)} and span_ids "
             f"{tuple(span_ids.shape)} are not aligned"
         )
+
+
+def _pairs(student_logits, teacher_logits, labels, span_ids, distance, temperature):
+    """The checked inputs' span pairs: batch and position indices `[P]` of each pair's first token, and `P`."""
+    _check(student_logits, teacher_logits, labels, span_ids, distance, temperature)
+    pairs = span_pair_mask(span_ids, labels)
+    b, k = pairs.nonzero(as_tuple=True)
+    return b, k, pairs.sum()
 
 
 def _zero(student_logits: torch.Tensor) -> torch.Tensor:
@@ -92,10 +100,7 @@ def span_loss(
     completion token); `span_ids`: `[B, T]` (-1 = no span), aligned with `labels`. Holds several `[pairs, V]` float32
     tensors: use `chunked_span_loss` in training.
     """
-    _check(student_logits, teacher_logits, labels, span_ids, distance, temperature)
-    pairs = span_pair_mask(span_ids, labels)
-    b, k = pairs.nonzero(as_tuple=True)
-    num_items = pairs.sum()
+    b, k, num_items = _pairs(student_logits, teacher_logits, labels, span_ids, distance, temperature)
     if b.numel() == 0:
         return LossTerm(total=_zero(student_logits), num_items=num_items, stats={})
     s = student_logits.float() / temperature if temperature != 1.0 else student_logits.float()
@@ -119,11 +124,6 @@ def _log_corr_from_logits(logits: torch.Tensor, b: torch.Tensor, k: torch.Tensor
     return z.log_softmax(-1)
 
 
-def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product `[P]` without a `[P, V]` temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
-
-
 def _chunk_value(student_logits, teacher_logits, b, k, distance, temperature) -> torch.Tensor:
     """Distance summed over one chunk of pairs. Two `[P, V]` float32 tensors (teacher, student)."""
     log_ct = _log_corr_from_logits(teacher_logits, b, k, temperature)
@@ -131,9 +131,9 @@ def _chunk_value(student_logits, teacher_logits, b, k, distance, temperature) ->
     if distance == "kl":
         diff = log_cs.neg_().add_(log_ct)  # log ĉt - log ĉs
         diff.masked_fill_(torch.isneginf(log_ct), 0.0)  # ĉt == 0 exactly (-inf logits): the term is 0
-        return _rowdot(log_ct.exp_(), diff).sum()
+        return rowdot(log_ct.exp_(), diff).sum()
     diff = log_ct.exp_().sub_(log_cs.exp_())
-    return _rowdot(diff, diff).sum() if distance == "l2" else diff.abs_().sum()
+    return rowdot(diff, diff).sum() if distance == "l2" else diff.abs_().sum()
 
 
 def _chunk_grad(student_logits, teacher_logits, b, k, distance, temperature) -> torch.Tensor:
@@ -145,7 +145,7 @@ def _chunk_grad(student_logits, teacher_logits, b, k, distance, temperature) -> 
         return cs.sub_(ct)  # d KL(ĉt || softmax(z)) / dz = ĉs - ĉt
     g = ct.neg_().add_(cs)  # ĉs - ĉt
     g = g.mul_(2.0) if distance == "l2" else g.sign_()  # d distance / d ĉs
-    return g.sub_(_rowdot(g, cs).unsqueeze(-1)).mul_(cs)  # softmax Jacobian: ĉs * (g - <g, ĉs>)
+    return g.sub_(rowdot(g, cs).unsqueeze(-1)).mul_(cs)  # softmax Jacobian: ĉs * (g - <g, ĉs>)
 
 
 class _ChunkedSpanLoss(torch.autograd.Function):
@@ -182,9 +182,9 @@ def chunked_span_loss(
     labels: torch.Tensor,
     span_ids: torch.Tensor,
     *,
+    chunk_size: int = 1024,
     distance: str = "kl",
     temperature: float = 1.0,
-    chunk_size: int = 1024,
 ) -> LossTerm:
     """`span_loss` computed `chunk_size` pairs at a time (MGSRConfig.loss_chunk_size), with exact gradients.
 
@@ -196,12 +196,9 @@ def chunked_span_loss(
     and a transient of the same size inside log_softmax), never `[pairs, V]`. Works on non-contiguous logits
     (e.g. `logits[:, :-1]`) without copying them.
     """
-    _check(student_logits, teacher_logits, labels, span_ids, distance, temperature)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    pairs = span_pair_mask(span_ids, labels)
-    b, k = pairs.nonzero(as_tuple=True)
-    num_items = pairs.sum()
+    b, k, num_items = _pairs(student_logits, teacher_logits, labels, span_ids, distance, temperature)
     if b.numel() == 0:
         return LossTerm(total=_zero(student_logits), num_items=num_items, stats={})
     total = _ChunkedSpanLoss.apply(

@@ -36,6 +36,18 @@ def sft_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> LossTerm:
     return LossTerm(total=total, num_items=mask.sum(), stats={})
 
 
+def log_softmax32(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """float32 `log_softmax(x / temperature)` over the last dim (`x` is never modified; differentiable)."""
+    if temperature != 1.0:
+        x = x.float() / temperature
+    return torch.log_softmax(x, dim=-1, dtype=torch.float32)
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product `[n]` of `[n, V]` tensors without an `[n, V]` temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
 def chunk_rows(rows: torch.Tensor, chunk_size: int):
     """Yield `(positions slice, rows)` per chunk; `rows` is a slice (a view, no copy) when the rows are consecutive."""
     bounds = rows.tolist()
