@@ -1,5 +1,6 @@
 """Resuming from a checkpoint reproduces the uninterrupted run, on-policy sampling included."""
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -18,11 +19,16 @@ def run(tokenizer, output_dir, resume=None, **overrides):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer
 
 
-def test_resume_mid_epoch_matches_uninterrupted_run(tokenizer, tmp_path):
-    straight, trainer = run(tokenizer, tmp_path / "straight")
+@pytest.mark.parametrize("continuation", ["stop", "regenerate"])  # re-generation draws from the RNG too
+def test_resume_mid_epoch_matches_uninterrupted_run(tokenizer, tmp_path, continuation):
+    # A random teacher is nearly uniform: only a reject ratio near 1 makes SCRG correct (and re-generate).
+    scrg = dict(scrg_continuation=continuation, scrg_reject_ratio=0.999)
+    straight, trainer = run(tokenizer, tmp_path / "straight", **scrg)
     sources = [e["mgsr/on_policy"] for e in trainer.state.log_history if "mgsr/on_policy" in e]
     assert 0 < sum(sources) < len(sources)  # both kinds of step happen, so generation is part of the test
-    resumed, _ = run(tokenizer, tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
+    corrected = [e["mgsr/scrg_corrected_frac"] for e in trainer.state.log_history if "mgsr/scrg_corrected_frac" in e]
+    assert max(corrected) > 0  # and so is SCRG's revision
+    resumed, _ = run(tokenizer, tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"), **scrg)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], msg=key)
 

@@ -32,8 +32,9 @@ def on_policy_batch(trainer):
 @pytest.mark.parametrize("rule", [{"scrg_error": "max_divergence"},
                                   # a random teacher is nearly uniform: only a ratio near 1 rejects its tokens
                                   {"scrg_error": "first_rejected", "scrg_reject_ratio": 0.999}])
-def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path, rule):
-    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, **rule)
+@pytest.mark.parametrize("continuation", ["stop", "regenerate"])
+def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path, rule, continuation):
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_continuation=continuation, **rule)
     batch = on_policy_batch(trainer)
     metrics = trainer._metrics["train"]
     for key in ("scrg_corrected_frac", "scrg_error_pos", "scrg_divergence", "scrg_regen_len"):
