@@ -2,17 +2,19 @@
 
 For a batch of prompts and the completions the student sampled for them, one round of SCRG:
 
-1. runs the teacher and the student teacher-forced on `prompt + completion` (one batched forward each, no grad,
-   eval mode, position ids derived from the attention mask);
+1. runs the teacher (and, for `error_rule="max_divergence"`, the student) teacher-forced on `prompt + completion`
+   (one batched forward each, no grad, eval mode, position ids derived from the attention mask);
 2. computes per completion position `i` the "semantic cognitive difference" `D_i` (`KL(p_teacher || q_student)` by
    default, `KL(q_student || p_teacher)` with `kl_direction="reverse"`) and the teacher's token `t_i` (its argmax,
    or a sample from it with `teacher_token="sample"`);
-3. picks the error position `j = argmax D_i` over the real completion tokens where `y_i != t_i` (rows without such a
-   position are left unchanged);
-4. replaces the row by `y_<j + [t_j]`; if `t_j` is an end token the row ends there, otherwise the **student**
-   re-generates the rest from `prompt + y_<j + [t_j]` with its own generation settings, within the same total
-   budget of `generation_config.max_new_tokens` completion tokens. All re-generated rows share ONE batched
-   `generate` call (prefixes of different lengths re-padded on the left).
+3. picks the error position `j` among the real completion tokens where `y_i != t_i`: the first one the teacher
+   rejects (`error_rule="first_rejected"`, the default; see `SCRGSettings`) or `argmax D_i` (`"max_divergence"`,
+   the paper); rows without such a position are left unchanged;
+4. replaces the row by `y_<j + [t_j]`; with `continuation="regenerate"` (the paper, and this function's default)
+   the **student** then re-generates the rest from `prompt + y_<j + [t_j]` (unless `t_j` is an end token) with its
+   own generation settings, within the same total budget of `generation_config.max_new_tokens` completion tokens,
+   all re-generated rows in ONE batched `generate` call (prefixes of different lengths re-padded on the left); with
+   `continuation="stop"` (`MGSRConfig`'s default, chosen by the lab at equal compute) the row ends there.
 
 `rounds` repeats the round on the revised completions. `assemble_on_policy_batch` turns the result into GKD's
 `(input_ids, attention_mask, labels)` layout, `completion_from_generate` cuts a `generate` output after the first
