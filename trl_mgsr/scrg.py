@@ -361,7 +361,7 @@ class SCRGSettings:
         the global RNG like `generate` always does.
     always_generate: call `student.generate` in every round even when no row needs re-generation (a one-token dummy
         call). Set it when every process must run the same collectives (ZeRO-3/FSDP without gathered parameters;
-        pass `generate_kwargs={"synced_gpus": True}` too). Every round always runs both forwards.
+        pass `generate_kwargs={"synced_gpus": True}` too). A round's forwards run on every process whatever it finds.
     generate_kwargs: extra keyword arguments of `student.generate`.
     chunk_size: positions per chunk when computing `D` (bounds the float32 `[chunk, V]` working tensors).
     keep_teacher_logits: return the last round's teacher logits and how far each revised row still matches them
