@@ -14,10 +14,10 @@ not counted); one process, one run after the other:
 | `gkd_cache` | GKDTrainer | on | forced on |
 | `gkd_nogc` | GKDTrainer | off | on |
 | `distillation` | TRL's stable DistillationTrainer (HF generation) | on (its default) | on |
-| `mgsr` | MGSRTrainer defaults (`scrg_continuation="stop"`: no re-generation) | on | on (`generation_use_cache`) |
+| `mgsr` | MGSRTrainer defaults (`scrg_continuation="regenerate"`) | on | on (`generation_use_cache`) |
 | `mgsr_nogc` | MGSRTrainer defaults | off | on |
-| `mgsr_regen` | MGSRTrainer, `scrg_continuation="regenerate"` (the paper) | on | on |
-| `mgsr_regen_nogc` | MGSRTrainer, `scrg_continuation="regenerate"` | off | on |
+| `mgsr_stop` | MGSRTrainer, `scrg_continuation="stop"` (no re-generation) | on | on |
+| `mgsr_stop_nogc` | MGSRTrainer, `scrg_continuation="stop"` | off | on |
 
 A step runs from the start of `get_batch_samples` (MGSR generates there) to `on_step_end`. The profile times each
 phase of the step (they nest; `exclusive` columns are not sums): `sampling` (the on-policy `generate`), `scrg`
@@ -59,7 +59,7 @@ from trl_mgsr.lab.runner import prepare_models, quiet  # noqa: E402
 from trl_mgsr.lab.tasks import to_messages  # noqa: E402
 
 RESULTS = HERE / "results"
-RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_regen", "mgsr_regen_nogc")
+RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_stop", "mgsr_stop_nogc")
 QUICK_MODELS = ModelSettings(teacher_hidden=32, teacher_layers=1, teacher_steps=30, student_hidden=16,
                              student_layers=1, init_steps=5, eval_prompts=8)
 PHASE_FUNCTIONS = {  # (module, function): phase
@@ -227,7 +227,7 @@ def build_trainer(kind: str, models: dict, tokenizer, rows: list[dict], opts, ca
         return DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
                                    processing_class=tokenizer, callbacks=callbacks)
     config_cls, trainer_cls = (MGSRConfig, MGSRTrainer) if kind.startswith("mgsr") else (GKDConfig, GKDTrainer)
-    extra = {"scrg_continuation": "regenerate"} if kind.startswith("mgsr_regen") else {}
+    extra = {"scrg_continuation": "stop"} if kind.startswith("mgsr_stop") else {}
     config = config_cls(**common, **extra, lmbda=1.0, max_new_tokens=opts.max_new_tokens, max_length=128)
     trainer = trainer_cls(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, callbacks=callbacks)
@@ -312,7 +312,7 @@ def main(argv=None):
     step = {k: r["seconds_per_step"]["step"] for k, r in results.items()}
     ratios = {f"{a}_over_{b}": step[a] / step[b] for a, b in (
         ("mgsr", "gkd"), ("mgsr", "gkd_cache"), ("mgsr_nogc", "gkd_nogc"), ("mgsr", "distillation"),
-        ("mgsr_nogc", "distillation"), ("mgsr_regen", "gkd"), ("mgsr_regen_nogc", "gkd_nogc")) if a in step and b in step}
+        ("mgsr_nogc", "distillation"), ("mgsr_stop", "gkd"), ("mgsr_stop_nogc", "gkd_nogc")) if a in step and b in step}
     report = {"settings": {**{k: v for k, v in vars(opts).items() if k != "out"}, "threads": torch.get_num_threads(),
                            "torch": torch.__version__},
               "results": results, "ratios": ratios}

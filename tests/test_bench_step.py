@@ -18,7 +18,7 @@ def test_bench_step_quick_profiles_every_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc",
-                                      "mgsr_regen", "mgsr_regen_nogc"}
+                                      "mgsr_stop", "mgsr_stop_nogc"}
     mgsr = report["results"]["mgsr"]["seconds_per_step"]
     for phase in ("step", "sampling", "scrg", "scrg_teacher", "student_forward", "sft_forward", "loss_sft",
                   "loss_dac_kl", "loss_span", "band_net", "backward", "optimizer", "metrics", "host_syncs"):

@@ -86,7 +86,7 @@ class Settings:
     max_new_tokens: int = 64  # on-policy generation length during training (GKD and MGSR)
     train_seed: int = 42
     # training-seed noise floor: these methods are trained again with each of these seeds (same everything else)
-    repeat_methods: tuple[str, ...] = ("SFT", "GKD", "MGSR", "MGSR w/o SFT")
+    repeat_methods: tuple[str, ...] = ("SFT", "GKD", "MGSR", "MGSR w/o SFT", "MGSR stop")
     repeat_seeds: tuple[int, ...] = (43,)
     eval_every: int = 20  # adaptive schedule: evaluation loss on `adaptive_eval_rows` dev rows every N steps
     adaptive_eval_rows: int = 64
@@ -119,6 +119,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     # Added after the first full run (GKD ahead of every MGSR variant): the SFT term is the one part that every
     # other MGSR variant has and GKD has not. Reported as a post-hoc diagnostic (README).
     "MGSR w/o SFT": ("mgsr", {"sft_weight": 0.0}),
+    # SCRG's cheaper continuation (no re-generation), the default for a while: lower ROUGE-L here (README).
+    "MGSR stop": ("mgsr", {"scrg_continuation": "stop"}),
 }
 REFERENCE_MODELS = ("teacher", "student init")
 
@@ -613,7 +615,16 @@ def main(argv: list[str] | None = None) -> int:
     lr = assets["learning_rate"]
     # A job's cache key: every setting except which methods get repeated with other seeds (that changes no job).
     job_settings = {k: v for k, v in asdict(s).items() if k not in ("repeat_methods", "repeat_seeds")}
-    run_key = settings_key({"settings": job_settings, "assets": assets["key"], "lr": lr})
+    # The library's MGSR defaults are part of every job (a changed default must not reuse an old result).
+    from dataclasses import MISSING, fields
+
+    from trl_mgsr import MGSRConfig
+
+    defaults = {f.name: repr(f.default) for f in fields(MGSRConfig) if f.default is not MISSING}
+    run_key = settings_key({"settings": job_settings, "assets": assets["key"], "lr": lr, "mgsr_defaults": defaults})
+
+    def job_key(name: str) -> str:
+        return settings_key({"run": run_key, "method": METHODS.get(parse_label(name, s)[0])})
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
 
@@ -622,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         cached = runs_dir / f"{slug(name)}.json"
         if cached.is_file() and not args.fresh:
             saved = json.loads(cached.read_text())
-            if saved.get("run_key") == run_key:
+            if saved.get("run_key") == job_key(name):
                 results[name] = saved["result"]
                 log(f"{name}: reusing {cached}")
                 continue
@@ -639,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             name = futures[future]
             result = future.result()
             results[name] = result
-            (runs_dir / f"{slug(name)}.json").write_text(json.dumps({"run_key": run_key, "result": result}, indent=2))
+            (runs_dir / f"{slug(name)}.json").write_text(json.dumps({"run_key": job_key(name), "result": result}, indent=2))
             train = f"train {result['train_seconds']:.0f}s, " if "train_seconds" in result else ""
             log(f"{name}: average ROUGE-L {result['average']['mean']:.2f} ± {result['average']['std']:.2f} "
                 f"({train}eval {result['eval_seconds']:.0f}s)")
