@@ -10,11 +10,11 @@ For a batch of prompts and the completions the student sampled for them, one rou
 3. picks the error position `j` among the real completion tokens where `y_i != t_i`: the first one the teacher
    rejects (`error_rule="first_rejected"`, the default; see `SCRGSettings`) or `argmax D_i` (`"max_divergence"`,
    the paper); rows without such a position are left unchanged;
-4. replaces the row by `y_<j + [t_j]`; with `continuation="regenerate"` (the paper, and this function's default)
-   the **student** then re-generates the rest from `prompt + y_<j + [t_j]` (unless `t_j` is an end token) with its
-   own generation settings, within the same total budget of `generation_config.max_new_tokens` completion tokens,
-   all re-generated rows in ONE batched `generate` call (prefixes of different lengths re-padded on the left); with
-   `continuation="stop"` (`MGSRConfig`'s default, chosen by the lab at equal compute) the row ends there.
+4. replaces the row by `y_<j + [t_j]`; with `continuation="regenerate"` (the paper, and the default here and in
+   `MGSRConfig`) the **student** then re-generates the rest from `prompt + y_<j + [t_j]` (unless `t_j` is an end
+   token) with its own generation settings, within the same total budget of `generation_config.max_new_tokens`
+   completion tokens, all re-generated rows in ONE batched `generate` call (prefixes of different lengths re-padded
+   on the left); with `continuation="stop"` (cheaper: no second `generate`) the row ends there.
 
 `rounds` repeats the round on the revised completions. `assemble_on_policy_batch` turns the result into GKD's
 `(input_ids, attention_mask, labels)` layout, `completion_from_generate` cuts a `generate` output after the first
