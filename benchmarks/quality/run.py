@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -345,11 +345,9 @@ def count(model) -> int:
 
 
 def _trainer_args(cls, s: Settings, lr: float, out_dir: str, **extra):
-    import dataclasses
-
     import torch
 
-    if "max_length" in {f.name for f in dataclasses.fields(cls)}:
+    if "max_length" in {f.name for f in fields(cls)}:
         extra["max_length"] = s.max_length
     return cls(
         output_dir=out_dir, bf16=False, use_cpu=not torch.cuda.is_available(), report_to="none",
@@ -616,8 +614,6 @@ def main(argv: list[str] | None = None) -> int:
     # A job's cache key: every setting except which methods get repeated with other seeds (that changes no job).
     job_settings = {k: v for k, v in asdict(s).items() if k not in ("repeat_methods", "repeat_seeds")}
     # The library's MGSR defaults are part of every job (a changed default must not reuse an old result).
-    from dataclasses import MISSING, fields
-
     from trl_mgsr import MGSRConfig
 
     defaults = {f.name: repr(f.default) for f in fields(MGSRConfig) if f.default is not MISSING}

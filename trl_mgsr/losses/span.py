@@ -182,9 +182,9 @@ def chunked_span_loss(
     labels: torch.Tensor,
     span_ids: torch.Tensor,
     *,
-    chunk_size: int = 1024,
     distance: str = "kl",
     temperature: float = 1.0,
+    chunk_size: int = 1024,
 ) -> LossTerm:
     """`span_loss` computed `chunk_size` pairs at a time (MGSRConfig.loss_chunk_size), with exact gradients.
 
