@@ -14,14 +14,17 @@ not counted); one process, one run after the other:
 | `gkd_cache` | GKDTrainer | on | forced on |
 | `gkd_nogc` | GKDTrainer | off | on |
 | `distillation` | TRL's stable DistillationTrainer (HF generation) | on (its default) | on |
-| `mgsr` | MGSRTrainer defaults (`scrg_continuation="regenerate"`) | on | on (`generation_use_cache`) |
+| `mgsr` | MGSRTrainer defaults (`scrg_continuation="regenerate"`, SCRG while sampling) | on | on (`generation_use_cache`) |
 | `mgsr_nogc` | MGSRTrainer defaults | off | on |
+| `mgsr_twopass` | MGSRTrainer, `scrg_block_size=0` (sample, then revise and re-generate: the earlier default) | on | on |
 | `mgsr_stop` | MGSRTrainer, `scrg_continuation="stop"` (no re-generation) | on | on |
 | `mgsr_stop_nogc` | MGSRTrainer, `scrg_continuation="stop"` | off | on |
 
 A step runs from the start of `get_batch_samples` (MGSR generates there) to `on_step_end`. The profile times each
 phase of the step (they nest; `exclusive` columns are not sums): `sampling` (the on-policy `generate`), `scrg`
-(the whole revision), `scrg_teacher` (its teacher forward), `scrg_regenerate` (its `generate`), `student_forward`,
+(the whole revision; with SCRG while sampling, the sampling too), `scrg_teacher` (its teacher forwards),
+`scrg_student` (the student's decoding steps of SCRG while sampling), `scrg_regenerate` (the re-generation's
+`generate`), `student_forward`,
 `sft_forward` (MGSR's second student forward, on the dataset completion), `teacher_forward` (the loss's), each loss
 term (`loss_sft`, `loss_dac_kl`, `loss_span`, `loss_gkd` for GKD's JSD), `band_net` (the band sub-network's
 forward, its own loss and its step), `spans` (span extraction), `backward`, `optimizer`, `metrics` (logging,
@@ -59,7 +62,8 @@ from trl_mgsr.lab.runner import prepare_models, quiet  # noqa: E402
 from trl_mgsr.lab.tasks import to_messages  # noqa: E402
 
 RESULTS = HERE / "results"
-RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_stop", "mgsr_stop_nogc")
+RUNS = ("gkd", "gkd_cache", "gkd_nogc", "distillation", "mgsr", "mgsr_nogc", "mgsr_twopass", "mgsr_stop",
+        "mgsr_stop_nogc")
 QUICK_MODELS = ModelSettings(teacher_hidden=32, teacher_layers=1, teacher_steps=30, student_hidden=16,
                              student_layers=1, init_steps=5, eval_prompts=8)
 PHASE_FUNCTIONS = {  # (module, function): phase
@@ -67,6 +71,7 @@ PHASE_FUNCTIONS = {  # (module, function): phase
     (objective_module, "span_loglik_loss"): "loss_span", (objective_module, "chunked_span_loss"): "loss_span",
     (objective_module, "band_features"): "band_net", (objective_module, "band_label_loss"): "band_net",
     (trainer_module, "span_ids_from_tokens"): "spans", (trainer_module, "scrg_revise"): "scrg",
+    (trainer_module, "stream_scrg"): "scrg",
 }
 
 
@@ -180,8 +185,10 @@ def instrument(trainer, kind: str, profiler: Profiler) -> None:
     student_calls = []  # the student's forwards in the current `compute_loss`: the second is MGSR's SFT forward
 
     def student_phase():
-        if any(p in profiler.inside for p in ("sampling", "scrg")):
+        if any(p in profiler.inside for p in ("sampling", "scrg_regenerate")):
             return None  # a generation step, timed with its phase
+        if "scrg" in profiler.inside:
+            return "scrg_student"  # a decoding step of SCRG while sampling
         student_calls.append(None)
         return "sft_forward" if kind.startswith("mgsr") and len(student_calls) == 2 else "student_forward"
 
@@ -228,6 +235,8 @@ def build_trainer(kind: str, models: dict, tokenizer, rows: list[dict], opts, ca
                                    processing_class=tokenizer, callbacks=callbacks)
     config_cls, trainer_cls = (MGSRConfig, MGSRTrainer) if kind.startswith("mgsr") else (GKDConfig, GKDTrainer)
     extra = {"scrg_continuation": "stop"} if kind.startswith("mgsr_stop") else {}
+    if kind.startswith("mgsr"):
+        extra["scrg_block_size"] = 0 if kind == "mgsr_twopass" else opts.scrg_block_size
     config = config_cls(**common, **extra, lmbda=1.0, max_new_tokens=opts.max_new_tokens, max_length=128)
     trainer = trainer_cls(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, callbacks=callbacks)
@@ -290,6 +299,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--scrg_block_size", type=int, default=MGSRConfig.scrg_block_size,
+                        help="scrg_block_size of the MGSR runs (mgsr_twopass: 0).")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--bf16", action="store_true", help="Models and training in bfloat16 (GPU check).")
     parser.add_argument("--cache", default=str(HERE / "lab" / "cache"), help="Lab model cache.")
@@ -312,7 +323,8 @@ def main(argv=None):
     step = {k: r["seconds_per_step"]["step"] for k, r in results.items()}
     ratios = {f"{a}_over_{b}": step[a] / step[b] for a, b in (
         ("mgsr", "gkd"), ("mgsr", "gkd_cache"), ("mgsr_nogc", "gkd_nogc"), ("mgsr", "distillation"),
-        ("mgsr_nogc", "distillation"), ("mgsr_stop", "gkd"), ("mgsr_stop_nogc", "gkd_nogc")) if a in step and b in step}
+        ("mgsr_nogc", "distillation"), ("mgsr_twopass", "gkd"), ("mgsr", "mgsr_twopass"), ("mgsr_stop", "gkd"),
+        ("mgsr_stop_nogc", "gkd_nogc")) if a in step and b in step}
     report = {"settings": {**{k: v for k, v in vars(opts).items() if k != "out"}, "threads": torch.get_num_threads(),
                            "torch": torch.__version__},
               "results": results, "ratios": ratios}

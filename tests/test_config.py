@@ -52,6 +52,8 @@ BASE = dict(bf16=False, use_cpu=True, report_to="none")
         ("dac_weight", float("inf")),
         ("dac_min_width", "wide"),
         ("scrg_rounds", True),
+        ("scrg_block_size", -1),
+        ("scrg_block_size", 2.5),
         ("span_extractor_kwargs", "notjson"),
         ("span_extractor_kwargs", '{"model": 1'),
         ("span_extractor_kwargs", ["model"]),

@@ -52,8 +52,8 @@ def test_scrg_never_corrects_with_nan_teacher_divergences(tokenizer, tmp_path, m
     import trl_mgsr.trainer as trainer_module
 
     calls = []
-    real = trainer_module.scrg_revise
-    monkeypatch.setattr(trainer_module, "scrg_revise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = trainer_module.stream_scrg  # SCRG while sampling (the default)
+    monkeypatch.setattr(trainer_module, "stream_scrg", lambda *a, **k: calls.append(1) or real(*a, **k))
     student, teacher = build_pair(tokenizer)
     trainer = make_trainer(tokenizer, tmp_path, student, poison(teacher), lmbda=1.0)
     with pytest.raises(NonFiniteError, match="in SCRG"):

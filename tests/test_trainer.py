@@ -124,8 +124,9 @@ def test_left_padding_does_not_change_a_rows_loss(tokenizer, tmp_path):
     torch.testing.assert_close(together, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_generation_uses_kv_cache_with_gradient_checkpointing(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, gradient_checkpointing=True)
+@pytest.mark.parametrize("block_size", [0, 16])  # sampled by `generate`, or by SCRG's own decoding loop
+def test_generation_uses_kv_cache_with_gradient_checkpointing(tokenizer, tmp_path, block_size):
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, gradient_checkpointing=True, scrg_block_size=block_size)
     gkd_args = tiny_args(GKDConfig, tmp_path / "gkd", gradient_checkpointing=True)
     student, teacher = build_pair(tokenizer)
     gkd = GKDTrainer(model=student, teacher_model=teacher, args=gkd_args,
@@ -142,11 +143,18 @@ def test_generation_uses_kv_cache_with_gradient_checkpointing(tokenizer, tmp_pat
         seen["checkpointing_during_generate"] = trainer.model.is_gradient_checkpointing
         return out
 
+    def decoding_step(module, args, kwargs):
+        seen["cache"] = any(kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+        seen["checkpointing_during_generate"] = trainer.model.is_gradient_checkpointing
+
+    hook = trainer.model.register_forward_pre_hook(decoding_step, with_kwargs=True) if block_size else None
     trainer.model.generate = spy
     trainer.model_wrapped = trainer.model
     trainer.model.gradient_checkpointing_enable()  # as Trainer.train() does
     assert trainer.model.is_gradient_checkpointing
     trainer.prepare_distillation_batch(first_batch(trainer))
+    if hook is not None:
+        hook.remove()
     assert seen == {"cache": True, "checkpointing_during_generate": False}
     assert trainer.model.is_gradient_checkpointing  # restored after generation
 

@@ -33,8 +33,10 @@ def on_policy_batch(trainer):
                                   # a random teacher is nearly uniform: only a ratio near 1 rejects its tokens
                                   {"scrg_error": "first_rejected", "scrg_reject_ratio": 0.999}])
 @pytest.mark.parametrize("continuation", ["stop", "regenerate"])
-def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path, rule, continuation):
-    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_continuation=continuation, **rule)
+@pytest.mark.parametrize("block_size", [0, 3])
+def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path, rule, continuation, block_size):
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_continuation=continuation,
+                   scrg_block_size=block_size, **rule)
     batch = on_policy_batch(trainer)
     metrics = trainer._metrics["train"]
     for key in ("scrg_corrected_frac", "scrg_error_pos", "scrg_divergence", "scrg_regen_len"):
@@ -83,18 +85,23 @@ def test_full_training_run_lmbda_one_with_lora(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("continuation", ["regenerate", "stop"])
-def test_reused_scrg_teacher_logits_give_the_same_loss_and_gradients(tokenizer, tmp_path, continuation):
+@pytest.mark.parametrize("block_size", [0, 3])
+def test_reused_scrg_teacher_logits_give_the_same_loss_and_gradients(tokenizer, tmp_path, continuation, block_size):
     # The loss takes SCRG's teacher logits where the revised rows still match them; with the cache dropped the
     # teacher runs on the whole batch. Same loss, same student gradients, either way.
     # At ratio 0.5 the random tiny teacher rejects a token in some rows and none in others (seed 0).
     trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_error="first_rejected",
-                   scrg_reject_ratio=0.5, scrg_continuation=continuation, per_device_train_batch_size=8)
+                   scrg_reject_ratio=0.5, scrg_continuation=continuation, per_device_train_batch_size=8,
+                   scrg_block_size=block_size)
     torch.manual_seed(0)
     batch = on_policy_batch(trainer)
-    assert trainer._metrics["train"]["mgsr/scrg_corrected_frac"][0] > 0
+    corrected = trainer._metrics["train"]["mgsr/scrg_corrected_frac"][0]
+    assert 0 < corrected < 1
     completion = batch["labels"][:, batch["prompts"].shape[1]:] != -100
     reused = batch["mgsr_teacher_valid"] >= completion.sum(1)
-    assert reused.any() and (continuation == "stop") == bool(reused.all())  # "stop": no row needs the teacher
+    # revising after sampling, a re-generated row needs the teacher again; revising while sampling, none does
+    all_reused = continuation == "stop" or block_size > 0
+    assert reused.any() and all_reused == bool(reused.all())
     params = [p for p in trainer.model.parameters() if p.requires_grad]
 
     def loss_and_grads(inputs):
@@ -111,19 +118,41 @@ def test_reused_scrg_teacher_logits_give_the_same_loss_and_gradients(tokenizer, 
     fresh = {k: v for k, v in batch.items() if k not in ("mgsr_teacher_logits", "mgsr_teacher_valid")}
     ref_loss, ref_grads = loss_and_grads(fresh)
     hook.remove()
-    assert calls == ([] if continuation == "stop" else [int((~reused).sum())]) + [batch["input_ids"].shape[0]]
+    assert calls == ([] if all_reused else [int((~reused).sum())]) + [batch["input_ids"].shape[0]]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    for g, ref in zip(grads, ref_grads):  # SCRG while sampling: teacher logits from KV-cached forwards, float32 noise
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6 if block_size == 0 else 1e-5)
 
 
-def test_scrg_stop_ends_corrected_rows_at_the_correction_without_generating(tokenizer, tmp_path):
+@pytest.mark.parametrize("block_size", [0, 3])
+def test_scrg_stop_ends_corrected_rows_at_the_correction_without_generating(tokenizer, tmp_path, block_size):
     trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_error="first_rejected",
-                   scrg_reject_ratio=0.999, scrg_continuation="stop")
+                   scrg_reject_ratio=0.999, scrg_continuation="stop", scrg_block_size=block_size)
     generate_calls = []
     original = trainer.model.generate
     trainer.model.generate = lambda *a, **k: generate_calls.append(1) or original(*a, **k)
     on_policy_batch(trainer)
     metrics = trainer._metrics["train"]
-    assert generate_calls == [1]  # the sampling pass only
+    assert generate_calls == ([1] if block_size == 0 else [])  # the sampling pass only, or SCRG's own decoding
     assert metrics["mgsr/scrg_corrected_frac"][0] > 0 and metrics["mgsr/scrg_regen_len"][0] == 0
+
+
+@pytest.mark.parametrize("overrides,streamed", [
+    ({}, True),  # the default: SCRG while sampling
+    ({"scrg_block_size": 0}, False),
+    ({"scrg_error": "max_divergence"}, False),  # needs the whole sample
+])
+def test_scrg_runs_while_sampling_where_it_can(tokenizer, tmp_path, monkeypatch, overrides, streamed):
+    import trl_mgsr.trainer as trainer_module
+
+    used = []
+    for name in ("stream_scrg", "scrg_revise"):
+        original = getattr(trainer_module, name)
+        monkeypatch.setattr(trainer_module, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, **overrides)
+    on_policy_batch(trainer)
+    assert used == ["stream_scrg" if streamed else "scrg_revise"]
+    trainer.generation_config.repetition_penalty = 1.3  # a sampling setting the decoding loop does not apply
+    used.clear()
+    on_policy_batch(trainer)
+    assert used == ["scrg_revise"]

@@ -72,6 +72,14 @@ class MGSRConfig(GKDConfig):
         `"regenerate"` trains in GKD's time and scores 5.32 ROUGE-L against 5.01 for `"stop"`; `"stop"` wins only on
         the lab's short answers when GKD runs without gradient checkpointing (README, "What follows an SCRG
         correction").
+    scrg_block_size (`int`, defaults to `16`): with `scrg_error="first_rejected"`, SCRG runs while the student
+        samples (`scrg_stream.py`): the teacher judges the new tokens in one forward per block (2 tokens, then blocks
+        doubling up to `scrg_block_size`), a rejected token is corrected on the spot and the student samples on from
+        it, so nothing sampled past an error is kept and the loss takes every teacher logit from these forwards.
+        The same revision as sampling first and revising after (token for token with a deterministic student;
+        tested), in one decoding pass. `0` samples first and revises after (`generate`, a teacher forward, a second
+        `generate`), which `"max_divergence"` and sampling settings other than temperature/top-k/top-p/suppressed
+        tokens always use. Ours; 16 by `benchmarks/bench_step.py` (README, "Training step").
 
     > DAC-KL (distribution-adaptive clipping KL)
 
@@ -194,6 +202,10 @@ class MGSRConfig(GKDConfig):
         metadata={"help": "After an SCRG correction: 'regenerate' (the paper: the student re-generates the rest) "
                   "or 'stop' (the row ends there: no second generation, a cheaper step).",
                   "choices": list(SCRG_CONTINUATIONS)},
+    )
+    scrg_block_size: int = field(
+        default=16,
+        metadata={"help": "SCRG while sampling: most student tokens per teacher forward; 0: sample, then revise."},
     )
 
     # DAC-KL
@@ -369,6 +381,9 @@ class MGSRConfig(GKDConfig):
             fail("scrg_reject_ratio", "must be a number in (0, 1)")
         if isinstance(self.scrg_rounds, bool) or not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
             fail("scrg_rounds", "must be an integer >= 0 (0 turns SCRG off)")
+        if isinstance(self.scrg_block_size, bool) or not isinstance(self.scrg_block_size, int) or \
+                self.scrg_block_size < 0:
+            fail("scrg_block_size", "must be an integer >= 0 (0 samples first and revises after)")
         for name in ("dac_features", "dac_hidden_size", "loss_chunk_size", "replay_capacity"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")

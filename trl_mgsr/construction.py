@@ -208,8 +208,8 @@ def validate_datasets(train_dataset, eval_dataset, tokenizer, collator) -> None:
 
 
 def scrg_options(args: MGSRConfig) -> dict:
-    """`scrg_revise`'s keyword arguments that the config's `scrg_*` fields (and `loss_chunk_size`) set."""
-    return dict(rounds=args.scrg_rounds, error_rule=args.scrg_error, reject_ratio=args.scrg_reject_ratio,
+    """The `SCRGSettings` fields that the config's `scrg_*` fields (and `loss_chunk_size`) set."""
+    return dict(error_rule=args.scrg_error, reject_ratio=args.scrg_reject_ratio,
                 kl_direction=args.scrg_kl_direction, teacher_token=args.scrg_teacher_token,
                 allow_eos=args.scrg_allow_eos_correction, continuation=args.scrg_continuation,
                 keep_teacher_logits=args.scrg_reuse_teacher_logits, chunk_size=args.loss_chunk_size)

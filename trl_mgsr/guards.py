@@ -27,8 +27,10 @@ class NonFiniteError(FloatingPointError):
     """Training hit NaN or inf; the message names the model, the global step and the term."""
 
 
-def _step(trainer) -> str:
-    return f"global step {trainer.state.global_step}" + ("" if trainer.model.training else " (evaluation)")
+def _step(trainer, training: bool | None = None) -> str:
+    """Where training is, for a message; `training` overrides the student's mode (which sampling may change)."""
+    training = trainer.model.training if training is None else training
+    return f"global step {trainer.state.global_step}" + ("" if training else " (evaluation)")
 
 
 def _has_non_finite(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
@@ -42,7 +44,7 @@ def _has_non_finite(logits: torch.Tensor, attention_mask: torch.Tensor | None = 
     return False
 
 
-def _fail(trainer, model: str, where: str) -> None:
+def _fail(trainer, model: str, where: str, training: bool | None = None) -> None:
     hint = {
         "teacher": "the teacher model is broken (NaN/inf weights, or a dtype that overflows, e.g. float16); check "
         "it with a plain forward pass",
@@ -50,7 +52,7 @@ def _fail(trainer, model: str, where: str) -> None:
         "bf16/float32 instead of float16",
     }[model]
     raise NonFiniteError(
-        f"MGSRTrainer: the {model}'s logits are non-finite (NaN/inf) at {_step(trainer)}, {where}: {hint}. "
+        f"MGSRTrainer: the {model}'s logits are non-finite (NaN/inf) at {_step(trainer, training)}, {where}: {hint}. "
         "Training stopped before any optimizer step or save used them."
     )
 
@@ -76,6 +78,7 @@ def check_loss(trainer, loss, terms: dict[str, Any], student_logits, teacher_log
 @contextlib.contextmanager
 def finite_logits(trainer, model, name: str, where: str) -> Iterator[None]:
     """Within the block, every forward of `model` checks its output layer's logits and raises naming `name`."""
+    training = trainer.model.training  # as the block starts: sampling runs the student in eval mode
     unwrapped = trainer.accelerator.unwrap_model(model)
     head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
     if head is None:  # not a transformers LM: nothing to hook
@@ -85,7 +88,7 @@ def finite_logits(trainer, model, name: str, where: str) -> Iterator[None]:
     def hook(module, args, output):
         logits = output[0] if isinstance(output, tuple) else output
         if isinstance(logits, torch.Tensor) and not torch.isfinite(logits).all():
-            _fail(trainer, name, where)
+            _fail(trainer, name, where, training)
 
     handle = head.register_forward_hook(hook)
     try:

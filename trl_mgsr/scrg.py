@@ -232,24 +232,25 @@ def _eval_mode(*models) -> Iterator[None]:
             module.training = was_training
 
 
-def _completion_logits(model, input_ids, attention_mask, num_completion: int) -> torch.Tensor:
-    """Teacher-forced logits `[B, num_completion, V]` predicting each completion token (the last
-    `num_completion` tokens of `input_ids`)."""
-    kwargs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+def lm_logits(model, logits_to_keep: int, **kwargs) -> torch.Tensor:
+    """`model(**kwargs)`'s logits of the last `logits_to_keep` positions `[B, logits_to_keep, V]`; the LM head skips
+    the other positions when the model takes `logits_to_keep`."""
     try:
-        # Only the logits of the completion (and the last prompt token) are needed: skip the LM head elsewhere.
-        out = model(**kwargs, logits_to_keep=num_completion + 1)
+        out = model(**kwargs, logits_to_keep=logits_to_keep)
     except TypeError as err:
         if "logits_to_keep" not in str(err):
             raise
         out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[:, -(num_completion + 1) : -1]
+    return logits[:, -logits_to_keep:]
+
+
+def _completion_logits(model, input_ids, attention_mask, num_completion: int) -> torch.Tensor:
+    """Teacher-forced logits `[B, num_completion, V]` predicting each completion token (the last
+    `num_completion` tokens of `input_ids`)."""
+    logits = lm_logits(model, num_completion + 1, input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return logits[:, :-1]
 
 
 def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

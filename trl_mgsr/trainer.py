@@ -44,7 +44,8 @@ from .losses import IGNORE_INDEX
 from .objective import TERMS, shift_left
 from .runtime import quiet_trl_deprecations
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule, schedule_from_config
-from .scrg import assemble_on_policy_batch, completion_from_generate, kept_teacher_logits, scrg_revise
+from .scrg import SCRGResult, SCRGSettings, assemble_on_policy_batch, completion_from_generate, kept_teacher_logits, scrg_revise
+from .scrg_stream import stream_scrg, streamable
 from .spans import get_span_extractor, span_ids_from_tokens
 
 REPLAY_KEYS = ("input_ids", "attention_mask", "labels", "span_ids")
@@ -245,40 +246,51 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
         return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
     def sample_and_revise(self, model, inputs, generation_config) -> dict[str, torch.Tensor]:
-        """Sample completions from the student and revise them with SCRG.
+        """Sample completions from the student and revise them with SCRG (`_scrg`).
 
         Returns `input_ids`, `attention_mask` (left-padded prompt, completion up to and including its first end
         token) and `labels` (-100 on prompt and padding) and, when SCRG ran and `scrg_reuse_teacher_logits` is on,
         `mgsr_teacher_logits` `[B, L, V]` (SCRG's teacher logits predicting each completion token) with
-        `mgsr_teacher_valid` `[B]` (how many leading completion positions they still predict right), which
-        `teacher_logits` reuses instead of running the teacher again. The sampling pass's own logits serve as the
-        student's logits of SCRG's first round (no extra student forward). With `scrg_rounds=0` this is GKD's hook.
+        `mgsr_teacher_valid` `[B]` (how many leading completion positions they still predict right: every position
+        when SCRG ran while sampling), which `teacher_logits` reuses instead of running the teacher again. With
+        `scrg_rounds=0` this is GKD's hook.
         """
         prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
         pad, eos = self.processing_class.pad_token_id, generation_config.eos_token_id
-        use_scrg = self.args.scrg_rounds > 0
-        sampling_config = copy.deepcopy(generation_config)
-        sampling_config.update(return_dict_in_generate=True,
-                               output_logits=use_scrg and self.args.scrg_error == "max_divergence")
-        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=sampling_config)
-        completion_ids, completion_mask = completion_from_generate(out.sequences, prompts.shape[1], eos)
         cache = {}
-        if use_scrg:
-            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank must run the same collectives
-            result = scrg_revise(
-                model, self.teacher_model, prompts, prompt_mask, completion_ids, completion_mask,
-                generation_config=generation_config, eos_token_ids=eos, pad_token_id=pad,
-                vocab_size=self.shared_vocab_size,
-                student_logits=torch.stack(out.logits, dim=1) if out.logits else None,
-                always_generate=sharded, generate_kwargs={"synced_gpus": True} if sharded else None,
-                **construction.scrg_options(self.args),
-            )
+        if self.args.scrg_rounds == 0:  # GKD's sampling
+            out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=generation_config)
+            completion_ids, completion_mask = completion_from_generate(out, prompts.shape[1], eos)
+        else:
+            result = self._scrg(model, prompts, prompt_mask, generation_config)
             completion_ids, completion_mask = result.completion_ids, result.completion_mask
             if result.teacher_logits is not None:
                 cache = {"mgsr_teacher_logits": result.teacher_logits, "mgsr_teacher_valid": result.teacher_valid}
             self._log_ratios(objective.scrg_ratios(result), "train")
         ids, mask, labels = assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, **cache}
+
+    def _scrg(self, model, prompts, prompt_mask, generation_config) -> SCRGResult:
+        """Student samples of `prompts` revised by SCRG: while sampling (`stream_scrg`) when `scrg_block_size > 0`
+        and the settings allow it, else sampled by `generate` and revised after (`scrg_revise`, whose first round
+        takes the student's logits from the sampling pass)."""
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank must run the same collectives
+        settings = dict(generation_config=generation_config, eos_token_ids=generation_config.eos_token_id,
+                        pad_token_id=self.processing_class.pad_token_id, vocab_size=self.shared_vocab_size,
+                        always_generate=sharded, generate_kwargs={"synced_gpus": True} if sharded else None,
+                        **construction.scrg_options(self.args))
+        rounds = self.args.scrg_rounds
+        if self.args.scrg_block_size > 0 and streamable(SCRGSettings(**settings)):
+            return stream_scrg(model, self.teacher_model, prompts, prompt_mask, rounds=rounds,
+                               block_size=self.args.scrg_block_size, **settings)
+        sampling_config = copy.deepcopy(generation_config)
+        sampling_config.update(return_dict_in_generate=True, output_logits=self.args.scrg_error == "max_divergence")
+        out = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=sampling_config)
+        completion_ids, completion_mask = completion_from_generate(out.sequences, prompts.shape[1],
+                                                                   generation_config.eos_token_id)
+        return scrg_revise(model, self.teacher_model, prompts, prompt_mask, completion_ids, completion_mask,
+                           rounds=rounds, student_logits=torch.stack(out.logits, dim=1) if out.logits else None,
+                           **settings)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch one accumulation window, prepare each micro-batch, and count every term's items over the window.
