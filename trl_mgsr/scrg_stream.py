@@ -18,6 +18,9 @@ sample is being drawn, the way speculative decoding verifies a draft:
 4. repeat until every row has ended (an end token or `max_new_tokens` tokens, each judged). Once no row that still
    samples has a correction left, the student samples to the end and the teacher reads the rest in one forward.
 
+With sliding-window attention the holes count towards the window (it is measured in cache slots), so a row
+with corrections sees slightly fewer tokens than a fresh forward would once it is longer than the window.
+
 What comes out is distributed as `scrg_revise`'s result for the same settings (the student's tokens up to the first
 rejection, the teacher's token, the student's continuation from there) and equals it token for token when the
 student's sampling is deterministic (tested with top-k 1). The teacher's logits of every position of the final
@@ -48,7 +51,7 @@ from transformers.generation import (
 )
 
 from .data import position_ids_from_mask
-from .scrg import SCRGResult, SCRGSettings, _eos_tensor, _eval_mode, lm_logits
+from .scrg import SCRGResult, SCRGSettings, _differences, _eos_tensor, _eval_mode, lm_logits
 
 __all__ = ["stream_scrg", "streamable"]
 
@@ -215,13 +218,9 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         index = s.predicts[:, scored]  # [B, n] completion index each scored slot predicts
         judged = index >= 0
         drawn = s.out.gather(1, index.clamp(min=0))
-        log_p = F.log_softmax(logits.float(), dim=-1)
-        top = log_p.max(dim=-1)
-        gap = log_p.gather(-1, drawn.unsqueeze(-1)).squeeze(-1) - top.values
-        if opts.teacher_token == "greedy":
-            token = top.indices
-        else:
-            token = torch.multinomial(log_p.exp().flatten(0, 1), 1, generator=opts.generator).view_as(drawn)
+        _, token, gap = _differences(logits, None, drawn, kl_direction=opts.kl_direction,
+                                     teacher_token=opts.teacher_token, generator=opts.generator,
+                                     chunk_size=opts.chunk_size)  # float32 working tensors [chunk, V] only
         rejected = judged & (drawn != token) & (gap < log_ratio) & (corrections < rounds).unsqueeze(1)
         if not opts.allow_eos and eos is not None:
             rejected &= ~torch.isin(token, eos)
