@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device visible')"
 export HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1
 timeout 300 python benchmarks/bench_step.py --device cuda --bf16 --steps 10 \
-    --runs gkd gkd_nogc distillation mgsr mgsr_nogc mgsr_stop --out "${OUT:-benchmarks/results}/step_gpu.json"
+    --runs gkd gkd_nogc distillation mgsr mgsr_nogc mgsr_twopass mgsr_stop --out "${OUT:-benchmarks/results}/step_gpu.json"

@@ -21,16 +21,21 @@ from trl_mgsr.testing import build_pair, build_tokenizer
 N = 12
 
 
-@pytest.fixture(scope="module")
-def setup():
+def make_setup(family):
     tok = build_tokenizer()
-    student, teacher = build_pair(tok, "llama", seed=5)
+    student, teacher = build_pair(tok, family, seed=5)
+    student.eval(), teacher.eval()  # GPT-2 has dropout, which `generate` (the reference) would apply
     with torch.no_grad():
-        teacher.lm_head.weight.mul_(4)  # a peaked teacher: it rejects some student tokens and accepts others
+        teacher.get_output_embeddings().weight.mul_(4)  # a peaked teacher: it rejects some student tokens and accepts others
     texts = ["The quick brown fox", "What is the capital of France? Tell me.", "Hi", "Numbers like 42",
              "A transformer predicts", "the", "Write a short poem about the sea.", "ok ok"]
     enc = tok(texts, return_tensors="pt", padding=True)
     return tok, student, teacher, enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup("llama")
 
 
 def settings(tok, top_k=1, **kw):
@@ -91,6 +96,20 @@ def test_deterministic_student_matches_generate_then_scrg_revise(setup, rounds, 
     m = new.completion_mask.bool()
     torch.testing.assert_close(new.teacher_logits[m], fresh[m], rtol=1e-4, atol=1e-4)
     assert (new.teacher_logits[~m] == 0).all()
+
+
+def test_deterministic_student_matches_the_reference_with_absolute_positions():
+    # GPT-2 embeds positions itself: the position ids after a correction must be the row's, not the slot's
+    tok, student, teacher, pid, pm = make_setup("gpt2")
+    kw = settings(tok, reject_ratio=0.05)
+    ref = reference(student, teacher, pid, pm, 2, **kw)
+    new = stream_scrg(student, teacher, pid, pm, rounds=2, block_size=4, **kw)
+    assert ref.corrected.any()
+    assert masked(new.completion_ids, new.completion_mask) == masked(ref.completion_ids, ref.completion_mask)
+    assert torch.equal(new.error_pos, ref.error_pos)
+    fresh = fresh_teacher_logits(teacher, pid, pm, new)
+    m = new.completion_mask.bool()
+    torch.testing.assert_close(new.teacher_logits[m], fresh[m], rtol=1e-4, atol=1e-4)
 
 
 def test_sampled_rows_keep_scrg_invariants(setup):
