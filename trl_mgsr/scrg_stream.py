@@ -127,9 +127,9 @@ class _Stream:
         self.rows = torch.arange(B, device=device)
 
     def append(self, drawn: torch.Tensor, live: torch.Tensor, eos, max_new_tokens: int) -> None:
-        """Write `drawn` `[B]` as the next completion token of the `live` rows."""
-        at = self.length.clamp(max=self.out.shape[1] - 1)
-        self.out[self.rows[live], at[live]] = drawn[live]
+        """Write `drawn` `[B]` as the next completion token of the `live` rows (no boolean indexing: no host sync)."""
+        at = self.length.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
+        self.out.scatter_(1, at, torch.where(live, drawn, self.out.gather(1, at).squeeze(1)).unsqueeze(1))
         self.length = self.length + live.long()
         ended = self.length >= max_new_tokens
         if eos is not None:
