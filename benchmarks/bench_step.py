@@ -1,6 +1,6 @@
 """Training-step time of MGSRTrainer against TRL's GKDTrainer and DistillationTrainer, with a per-phase profile.
 
-    python benchmarks/bench_step.py [--steps 20] [--quick] [--device cuda --bf16]
+    python benchmarks/bench_step.py [--steps 20] [--repeats 3] [--quick] [--device cuda --bf16]
 
 Models: the lab's teacher (shipped with the package) and its initial student (trained in ~20 s when not cached in
 `benchmarks/lab/cache/`), on the lab's training prompts. A trained teacher matters here: SCRG only corrects where
@@ -28,8 +28,10 @@ phase of the step (they nest; `exclusive` columns are not sums): `sampling` (the
 `sft_forward` (MGSR's second student forward, on the dataset completion), `teacher_forward` (the loss's), each loss
 term (`loss_sft`, `loss_dac_kl`, `loss_span`, `loss_gkd` for GKD's JSD), `band_net` (the band sub-network's
 forward, its own loss and its step), `spans` (span extraction), `backward`, `optimizer`, `metrics` (logging,
-where the host syncs are) and `host_syncs` (calls of `Tensor.item`/`tolist` per step). Writes
-`benchmarks/results/step.json` and prints the ratios and the profile.
+where the host syncs are) and `host_syncs` (calls of `Tensor.item`/`tolist` per step). `--repeats N` runs the
+whole list N times, interleaved (a slow spell of a shared machine then slows every run, not one), and reports the
+means over repeats, with each repeat's ratios. Writes `benchmarks/results/step.json` and prints the ratios and the
+profile.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -279,6 +282,28 @@ def run(kind: str, models: dict, tokenizer, rows: list[dict], opts) -> dict:
     return {"seconds_per_step": mean, **extra}
 
 
+RATIOS = (("mgsr", "gkd"), ("mgsr", "gkd_cache"), ("mgsr_nogc", "gkd_nogc"), ("mgsr", "distillation"),
+          ("mgsr_nogc", "distillation"), ("mgsr_twopass", "gkd"), ("mgsr", "mgsr_twopass"), ("mgsr_stop", "gkd"),
+          ("mgsr_stop_nogc", "gkd_nogc"))
+
+
+def _ratios(step: dict[str, float]) -> dict[str, float]:
+    """Step-time ratios of the runs that were made (`RATIOS`)."""
+    return {f"{a}_over_{b}": step[a] / step[b] for a, b in RATIOS if a in step and b in step}
+
+
+def _mean_of(repeats: list[dict]) -> dict:
+    """One run's results averaged over the repeats: each phase's seconds per step, the SCRG correction rate."""
+    phases = {p for r in repeats for p in r["seconds_per_step"]}
+    mean = {"seconds_per_step": {p: statistics.mean(r["seconds_per_step"].get(p, 0.0) for r in repeats)
+                                 for p in phases},
+            "step_per_repeat": [r["seconds_per_step"]["step"] for r in repeats],
+            "train_seconds": statistics.mean(r["train_seconds"] for r in repeats)}
+    if "scrg_corrected_frac" in repeats[0]:
+        mean["scrg_corrected_frac"] = statistics.mean(r["scrg_corrected_frac"] for r in repeats)
+    return mean
+
+
 def table(results: dict) -> str:
     """Markdown: one column per run, one row per phase (seconds per step)."""
     kinds = list(results)
@@ -299,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Run every run this many times, interleaved; phases and ratios are means over repeats.")
     parser.add_argument("--scrg_block_size", type=int, default=MGSRConfig.scrg_block_size,
                         help="scrg_block_size of the MGSR runs (mgsr_twopass: 0).")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -315,22 +342,26 @@ def main(argv=None):
     models = prepare_models(settings, opts.cache)
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
     rows = [to_messages(r) for r in train_rows(settings, (opts.steps + 1) * opts.batch_size, "bench")]
-    results = {}
+    rounds = []  # one dict of runs per repeat; the runs interleave, so a slow spell of the machine hits them all
     with quiet():
-        for kind in opts.runs:
-            results[kind] = run(kind, models, tokenizer, rows, opts)
-            print(kind, f"{results[kind]['seconds_per_step']['step']:.3f} s/step", flush=True)
-    step = {k: r["seconds_per_step"]["step"] for k, r in results.items()}
-    ratios = {f"{a}_over_{b}": step[a] / step[b] for a, b in (
-        ("mgsr", "gkd"), ("mgsr", "gkd_cache"), ("mgsr_nogc", "gkd_nogc"), ("mgsr", "distillation"),
-        ("mgsr_nogc", "distillation"), ("mgsr_twopass", "gkd"), ("mgsr", "mgsr_twopass"), ("mgsr_stop", "gkd"),
-        ("mgsr_stop_nogc", "gkd_nogc")) if a in step and b in step}
+        for repeat in range(opts.repeats):
+            rounds.append({})
+            for kind in opts.runs:
+                rounds[-1][kind] = run(kind, models, tokenizer, rows, opts)
+                print(f"[{repeat + 1}/{opts.repeats}] {kind} {rounds[-1][kind]['seconds_per_step']['step']:.3f} s/step",
+                      flush=True)
+    results = {kind: _mean_of(kind_rounds) for kind, kind_rounds in
+               ((kind, [r[kind] for r in rounds]) for kind in opts.runs)}
+    per_repeat = [_ratios({k: r["seconds_per_step"]["step"] for k, r in one.items()}) for one in rounds]
+    ratios = {name: statistics.mean(r[name] for r in per_repeat) for name in per_repeat[0]}
     report = {"settings": {**{k: v for k, v in vars(opts).items() if k != "out"}, "threads": torch.get_num_threads(),
                            "torch": torch.__version__},
-              "results": results, "ratios": ratios}
+              "results": results, "ratios": ratios, "ratios_per_repeat": per_repeat}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(report, indent=2))
     print(table(results))
+    if opts.repeats > 1:
+        print("ratios per repeat:", json.dumps({k: [round(r[k], 3) for r in per_repeat] for k in ratios}))
     print(json.dumps({**ratios, **{f"{k}_scrg_corrected_frac": r["scrg_corrected_frac"] for k, r in results.items()
                                   if "scrg_corrected_frac" in r}}, indent=2))
     return report

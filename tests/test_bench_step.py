@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_step_quick_profiles_every_run(tmp_path):
     out = tmp_path / "step.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--quick", "--cache",
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--quick", "--repeats", "2", "--cache",
                            str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -27,3 +27,5 @@ def test_bench_step_quick_profiles_every_run(tmp_path):
     assert {"sampling", "scrg_teacher"} <= set(report["results"]["mgsr_twopass"]["seconds_per_step"])
     assert "loss_gkd" in report["results"]["gkd"]["seconds_per_step"]
     assert 0 < report["ratios"]["mgsr_over_gkd"] < 100
+    per_repeat = [r["mgsr_over_gkd"] for r in report["ratios_per_repeat"]]  # two interleaved repeats, their mean
+    assert len(per_repeat) == 2 and abs(report["ratios"]["mgsr_over_gkd"] - sum(per_repeat) / 2) < 1e-9
