@@ -16,7 +16,9 @@ For a batch of prompts and the completions the student sampled for them, one rou
    completion tokens, all re-generated rows in ONE batched `generate` call (prefixes of different lengths re-padded
    on the left); with `continuation="stop"` (cheaper: no second `generate`) the row ends there.
 
-`rounds` repeats the round on the revised completions. `assemble_on_policy_batch` turns the result into GKD's
+`rounds` repeats the round on the revised completions. This is SCRG revising finished samples; `scrg_stream.py`
+computes the same first-rejected revision while the student samples (the trainer's default path), and these
+functions are its reference. `assemble_on_policy_batch` turns the result into GKD's
 `(input_ids, attention_mask, labels)` layout, `completion_from_generate` cuts a `generate` output after the first
 end token.
 
