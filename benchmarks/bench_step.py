@@ -14,9 +14,9 @@ not counted); one process, one run after the other:
 | `gkd_cache` | GKDTrainer | on | forced on |
 | `gkd_nogc` | GKDTrainer | off | on |
 | `distillation` | TRL's stable DistillationTrainer (HF generation) | on (its default) | on |
-| `mgsr` | MGSRTrainer defaults (`scrg_continuation="regenerate"`, SCRG while sampling) | on | on (`generation_use_cache`) |
+| `mgsr` | MGSRTrainer defaults (re-generation, SCRG while sampling) | on | on (`generation_use_cache`) |
 | `mgsr_nogc` | MGSRTrainer defaults | off | on |
-| `mgsr_twopass` | MGSRTrainer, `scrg_block_size=0` (sample, then revise and re-generate: the earlier default) | on | on |
+| `mgsr_twopass` | MGSRTrainer, `scrg_block_size=0` (sample, revise, re-generate: the earlier path) | on | on |
 | `mgsr_stop` | MGSRTrainer, `scrg_continuation="stop"` (no re-generation) | on | on |
 | `mgsr_stop_nogc` | MGSRTrainer, `scrg_continuation="stop"` | off | on |
 

@@ -26,7 +26,8 @@ def make_setup(family):
     student, teacher = build_pair(tok, family, seed=5)
     student.eval(), teacher.eval()  # GPT-2 has dropout, which `generate` (the reference) would apply
     with torch.no_grad():
-        teacher.get_output_embeddings().weight.mul_(4)  # a peaked teacher: it rejects some student tokens and accepts others
+        # a peaked teacher: it rejects some student tokens and accepts others
+        teacher.get_output_embeddings().weight.mul_(4)
     texts = ["The quick brown fox", "What is the capital of France? Tell me.", "Hi", "Numbers like 42",
              "A transformer predicts", "the", "Write a short poem about the sea.", "ok ok"]
     enc = tok(texts, return_tensors="pt", padding=True)

@@ -144,12 +144,12 @@ class _Stream:
 
 
 def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, rounds: int = 1,
-                block_size: int = 8, **settings) -> SCRGResult:
+                block_size: int = 16, **settings) -> SCRGResult:
     """Sample completions of `prompt_ids` from the student and revise them with SCRG as they are drawn.
 
     Args:
-        student, teacher: causal LMs taking `attention_mask`, `position_ids` and `past_key_values` (unwrapped; run
-            in eval mode under `no_grad`, their `training` flags restored).
+        student, teacher: causal LMs taking `attention_mask`, `position_ids` and a KV cache (`cache` or
+            `past_key_values`); unwrapped; run in eval mode under `no_grad`, their `training` flags restored.
         prompt_ids, prompt_mask: `[B, P]` left-padded prompts.
         rounds: corrections per row at most (0: plain sampling, the teacher still scores every token).
         block_size: the most student tokens drawn between two teacher forwards (>= 1; blocks start at 2 tokens and
@@ -225,7 +225,7 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         if not opts.allow_eos and eos is not None:
             rejected &= ~torch.isin(token, eos)
         hit = rejected.any(dim=1)
-        first = rejected.to(torch.int8).argmax(dim=1)  # [B] slot (within `new`) of the first rejection
+        first = rejected.to(torch.int8).argmax(dim=1)  # [B] slot (within `scored`) of the first rejection
         later = torch.arange(index.shape[1], device=device).unsqueeze(0) > first.unsqueeze(1)
         discard = hit.unsqueeze(1) & later  # slots fed after the rejected token was drawn
         if opts.keep_teacher_logits:

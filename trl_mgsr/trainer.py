@@ -44,7 +44,8 @@ from .losses import IGNORE_INDEX
 from .objective import TERMS, shift_left
 from .runtime import quiet_trl_deprecations
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule, schedule_from_config
-from .scrg import SCRGResult, SCRGSettings, assemble_on_policy_batch, completion_from_generate, kept_teacher_logits, scrg_revise
+from .scrg import (SCRGResult, SCRGSettings, assemble_on_policy_batch, completion_from_generate, kept_teacher_logits,
+                   scrg_revise)
 from .scrg_stream import stream_scrg, streamable
 from .spans import get_span_extractor, span_ids_from_tokens
 
