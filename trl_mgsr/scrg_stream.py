@@ -126,12 +126,17 @@ class _Stream:
         self.stopped = torch.zeros(B, dtype=torch.bool, device=device)  # ended, pending the teacher's verdict
         self.rows = torch.arange(B, device=device)
 
-    def append(self, drawn: torch.Tensor, live: torch.Tensor, eos, max_new_tokens: int) -> None:
-        """Write `drawn` `[B]` as the next completion token of the `live` rows (no boolean indexing: no host sync)."""
-        at = self.length.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
-        self.out.scatter_(1, at, torch.where(live, drawn, self.out.gather(1, at).squeeze(1)).unsqueeze(1))
+    def put(self, at: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write `tokens[r]` at completion index `at[r]` of each row where `rows[r]` (other rows' `at` may be out of
+        range: they are left alone). No boolean indexing, so no host sync."""
+        at = at.clamp(0, self.out.shape[1] - 1).unsqueeze(1)
+        self.out.scatter_(1, at, torch.where(rows, tokens, self.out.gather(1, at).squeeze(1)).unsqueeze(1))
+
+    def append(self, drawn: torch.Tensor, live: torch.Tensor, eos) -> None:
+        """Write `drawn` `[B]` as the next completion token of the `live` rows."""
+        self.put(self.length, drawn, live)
         self.length = self.length + live.long()
-        ended = self.length >= max_new_tokens
+        ended = self.length >= self.out.shape[1]
         if eos is not None:
             ended |= torch.isin(drawn, eos) & live
         self.stopped |= ended
@@ -203,7 +208,7 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             s.add_slot(token, live, torch.where(live, s.length, -1))
             ids, mask, pos = s.ids[:, -1:], s.mask, s.pos[:, -1:]
         logits = lm_logits(student, 1, input_ids=ids, attention_mask=mask, position_ids=pos, **student_cache)
-        s.append(draw(logits[:, -1]), live, eos, N)
+        s.append(draw(logits[:, -1]), live, eos)
 
     def verify() -> None:
         """The teacher reads the slots it has not read and judges the tokens they predict."""
@@ -238,7 +243,7 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         s.predicts[:, scored] = s.predicts[:, scored].masked_fill(discard, -1)
         j = index[s.rows, first]
         t_j = token[s.rows, first]
-        s.out[s.rows[hit], j[hit]] = t_j[hit]
+        s.put(j, t_j, hit)
         s.length = torch.where(hit, j + 1, s.length)
         ends = (j + 1 >= N) | (opts.continuation == "stop")
         if eos is not None:
