@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from trl_mgsr.data import position_ids_from_mask
 from trl_mgsr.scrg import SCRGSettings, completion_from_generate, scrg_revise
-from trl_mgsr.scrg_stream import stream_scrg, streamable
+from trl_mgsr.scrg_stream import _selectable, stream_scrg, streamable
 from trl_mgsr.testing import build_pair, build_tokenizer
 
 N = 12
@@ -162,6 +162,43 @@ def test_one_teacher_forward_per_block_blocks_doubling(setup):
     calls, res = teacher_calls(teacher, lambda: stream_scrg(student, teacher, pid, pm, rounds=1, block_size=5, **kw))
     assert not res.corrected.any() and res.completion_mask.sum(1).max() == N
     assert calls == [pid.shape[1] + 2, 4, 5]  # the prompt and 2 tokens, then 4, then at most 5 (N - 1 = 11 steps)
+
+
+def test_rows_that_have_ended_leave_both_models_batches(setup):
+    # once the teacher has judged a row's last token, the later forwards of both models run without it
+    tok, student, teacher, pid, pm = setup
+    kw = settings(tok, reject_ratio=0.05)
+    kw["eos_token_ids"] = kw["generation_config"].eos_token_id = frequent_tokens(tok, student, pid, pm)
+    rows = {"student": [], "teacher": []}
+    handles = [model.register_forward_hook(lambda m, a, k, o, _n=name: rows[_n].append(k["input_ids"].shape[0]),
+                                           with_kwargs=True)
+               for name, model in (("student", student), ("teacher", teacher))]
+    try:
+        res = stream_scrg(student, teacher, pid, pm, rounds=1, block_size=2, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    lengths = res.completion_mask.sum(1)
+    B = pid.shape[0]
+    assert rows["teacher"][0] == rows["student"][0] == B
+    assert rows["teacher"] == sorted(rows["teacher"], reverse=True) and rows["teacher"][-1] < B
+    assert (lengths == lengths.max()).sum() <= rows["student"][-1] < B  # the longest rows decode to the end
+    ref = reference(student, teacher, pid, pm, 1, **kw)
+    assert masked(res.completion_ids, res.completion_mask) == masked(ref.completion_ids, ref.completion_mask)
+    assert torch.equal(res.error_pos, ref.error_pos)
+    fresh = fresh_teacher_logits(teacher, pid, pm, res)
+    m = res.completion_mask.bool()
+    torch.testing.assert_close(res.teacher_logits[m], fresh[m], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_stay_when_a_cache_layer_cannot_select_them(setup):
+    tok, student, teacher, pid, pm = setup
+    cache = DynamicCache()
+    with torch.no_grad():
+        student(input_ids=pid, attention_mask=pm, past_key_values=cache, use_cache=True)
+    assert _selectable(cache)
+    cache.layers.append(object())  # e.g. a recurrent layer's state, which row selection would leave behind
+    assert not _selectable(cache)
 
 
 def test_no_judging_once_no_sampling_row_can_be_corrected(setup):

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import (
     LogitsProcessorList,
     SuppressTokensLogitsProcessor,
@@ -110,7 +111,15 @@ def _everywhere(flags: list[torch.Tensor], synced: bool) -> list[bool]:
 class _Stream:
     """The decoding state of one batch. Slots are the columns of both KV caches: every student step appends one
     slot to every row (a row that is waiting feeds padding, masked); a slot keeps the token fed there, its position,
-    its attention-mask bit and which completion index its logits predict (-1: none)."""
+    its attention-mask bit and which completion index its logits predict (-1: none).
+
+    Rows are the batch rows still decoding (`origin`: their index in the batch). `drop_finished` takes the rows that
+    have ended out of every per-row tensor and both KV caches (their outcome goes to `final`), so the later forwards
+    run on the rows that still decode; `finish` does it for every row."""
+
+    ROW_FIELDS = ("ids", "mask", "pos", "predicts", "prompt_len", "out", "length", "stopped", "corrections",
+                  "error_pos", "divergence", "teacher_token", "origin")
+    OUTCOMES = ("out", "length", "corrections", "error_pos", "divergence", "teacher_token")
 
     def __init__(self, prompt_ids, prompt_mask, max_new_tokens, pad):
         B, P = prompt_ids.shape
@@ -124,7 +133,13 @@ class _Stream:
         self.out = torch.full((B, max_new_tokens), pad, dtype=prompt_ids.dtype, device=device)
         self.length = torch.zeros(B, dtype=torch.long, device=device)  # completion tokens drawn (and kept)
         self.stopped = torch.zeros(B, dtype=torch.bool, device=device)  # ended, pending the teacher's verdict
+        self.corrections = torch.zeros(B, dtype=torch.long, device=device)
+        self.error_pos = torch.full((B,), -1, dtype=torch.long, device=device)  # completion index of the correction
+        self.divergence = torch.zeros(B, dtype=torch.float32, device=device)  # -log ratio of the corrected token
+        self.teacher_token = torch.full((B,), -1, dtype=torch.long, device=device)
+        self.origin = torch.arange(B, device=device)
         self.rows = torch.arange(B, device=device)
+        self.final = {name: getattr(self, name).clone() for name in self.OUTCOMES}
 
     def put(self, at: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> None:
         """Write `tokens[r]` at completion index `at[r]` of each row where `rows[r]` (other rows' `at` may be out of
@@ -133,7 +148,7 @@ class _Stream:
         self.out.scatter_(1, at, torch.where(rows, tokens, self.out.gather(1, at).squeeze(1)).unsqueeze(1))
 
     def append(self, drawn: torch.Tensor, live: torch.Tensor, eos) -> None:
-        """Write `drawn` `[B]` as the next completion token of the `live` rows."""
+        """Write `drawn` `[rows]` as the next completion token of the `live` rows."""
         self.put(self.length, drawn, live)
         self.length = self.length + live.long()
         ended = self.length >= self.out.shape[1]
@@ -146,6 +161,36 @@ class _Stream:
         self.mask = torch.cat([self.mask, live.long().unsqueeze(1)], dim=1)
         self.pos = torch.cat([self.pos, (self.prompt_len + self.length - 1).unsqueeze(1)], dim=1)
         self.predicts = torch.cat([self.predicts, predicts.unsqueeze(1)], dim=1)
+
+    def drop_finished(self, caches) -> None:
+        """Keep only the rows that have not ended, here and in `caches`; call it when the teacher has judged every
+        token drawn. Keeps every row when none or all have ended (a process whose rows have all ended still runs
+        the forwards of a synced loop), or when a cache holds a layer that cannot select rows."""
+        live = int((~self.stopped).sum())
+        if live in (0, self.stopped.numel()) or not all(_selectable(cache) for cache in caches):
+            return
+        keep = (~self.stopped).nonzero().squeeze(1)
+        self._record(self.stopped)
+        for name in self.ROW_FIELDS:
+            setattr(self, name, getattr(self, name)[keep])
+        for cache in caches:
+            cache.batch_select_indices(keep)
+        self.rows = torch.arange(live, device=keep.device)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The outcome of every batch row: `out` `[B, N]`, `length`, `corrections`, `error_pos`, `divergence`,
+        `teacher_token` `[B]`."""
+        self._record(torch.ones_like(self.stopped))
+        return self.final
+
+    def _record(self, rows: torch.Tensor) -> None:
+        for name in self.OUTCOMES:
+            self.final[name][self.origin[rows]] = getattr(self, name)[rows]
+
+
+def _selectable(cache) -> bool:
+    """Whether every layer of `cache` keeps its whole state in keys and values (rows can be selected)."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", [None]))
 
 
 def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, rounds: int = 1,
@@ -186,13 +231,10 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     log_ratio = math.log(opts.reject_ratio)
     vocab = opts.vocab_size
     s = _Stream(prompt_ids, prompt_mask, N, opts.pad_token_id)
-    corrections = torch.zeros(B, dtype=torch.long, device=device)
-    error_pos = torch.full((B,), -1, dtype=torch.long, device=device)
-    divergence = torch.zeros(B, dtype=torch.float32, device=device)
-    teacher_token = torch.full((B,), -1, dtype=torch.long, device=device)
     kept = None  # [B, N, V] teacher logits per completion index
-    student_cache = {_cache_argument(student): DynamicCache(), "use_cache": True}
-    teacher_cache = {_cache_argument(teacher): DynamicCache(), "use_cache": True}
+    caches = DynamicCache(), DynamicCache()
+    student_cache = {_cache_argument(student): caches[0], "use_cache": True}
+    teacher_cache = {_cache_argument(teacher): caches[1], "use_cache": True}
     teacher_read = 0  # slots the teacher has read
 
     def draw(logits: torch.Tensor) -> torch.Tensor:
@@ -226,7 +268,7 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         _, token, gap = _differences(logits, None, drawn, kl_direction=opts.kl_direction,
                                      teacher_token=opts.teacher_token, generator=opts.generator,
                                      chunk_size=opts.chunk_size)  # float32 working tensors [chunk, V] only
-        rejected = judged & (drawn != token) & (gap < log_ratio) & (corrections < rounds).unsqueeze(1)
+        rejected = judged & (drawn != token) & (gap < log_ratio) & (s.corrections < rounds).unsqueeze(1)
         if not opts.allow_eos and eos is not None:
             rejected &= ~torch.isin(token, eos)
         hit = rejected.any(dim=1)
@@ -237,7 +279,7 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
             if kept is None:
                 kept = logits.new_zeros(B, N, logits.shape[-1])
             keep = judged & ~discard
-            kept[s.rows.unsqueeze(1).expand_as(index)[keep], index[keep]] = logits[keep]
+            kept[s.origin.unsqueeze(1).expand_as(index)[keep], index[keep]] = logits[keep]
         # holes in both caches: the slots of this block past the rejection
         s.mask[:, scored] = s.mask[:, scored].masked_fill(discard, 0)
         s.predicts[:, scored] = s.predicts[:, scored].masked_fill(discard, -1)
@@ -249,10 +291,10 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
         if eos is not None:
             ends |= torch.isin(t_j, eos)
         s.stopped = torch.where(hit, ends, s.stopped)
-        corrections.add_(hit.long())
-        error_pos.copy_(torch.where(hit, j, error_pos))
-        divergence.copy_(torch.where(hit, -gap[s.rows, first], divergence))
-        teacher_token.copy_(torch.where(hit, t_j, teacher_token))
+        s.corrections = s.corrections + hit.long()
+        s.error_pos = torch.where(hit, j, s.error_pos)
+        s.divergence = torch.where(hit, -gap[s.rows, first], s.divergence)
+        s.teacher_token = torch.where(hit, t_j, s.teacher_token)
 
     synced = opts.always_generate
     with torch.no_grad(), _eval_mode(student, teacher):
@@ -263,7 +305,7 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 steps = 0
                 while True:
                     # settled: no row that still samples can be corrected, so the teacher's verdict waits for the end
-                    done, settled = _everywhere([s.stopped.all(), (s.stopped | (corrections >= rounds)).all()], synced)
+                    done, settled = _everywhere([s.stopped.all(), (s.stopped | (s.corrections >= rounds)).all()], synced)
                     if done or (steps >= size and not settled):
                         break
                     student_step(first=False)
@@ -271,23 +313,26 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 verify()
                 if _everywhere([s.stopped.all()], synced)[0]:
                     break
+                s.drop_finished(caches)
                 size = min(2 * size, block_size)
 
-    width = int(s.length.max().item()) if B > 0 else 0
+    row = s.finish()
+    length, corrections, error_pos = row["length"], row["corrections"], row["error_pos"]
+    width = int(length.max().item()) if B > 0 else 0
     positions = torch.arange(width, device=device).unsqueeze(0)
-    completion_mask = (positions < s.length.unsqueeze(1)).to(prompt_mask.dtype)
-    completion_ids = s.out[:, :width].masked_fill(completion_mask == 0, opts.pad_token_id)
+    completion_mask = (positions < length.unsqueeze(1)).to(prompt_mask.dtype)
+    completion_ids = row["out"][:, :width].masked_fill(completion_mask == 0, opts.pad_token_id)
     corrected = corrections > 0
-    regen = torch.where(corrected, s.length - error_pos - 1, torch.zeros_like(s.length))
+    regen = torch.where(corrected, length - error_pos - 1, torch.zeros_like(length))
     return SCRGResult(
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         corrected=corrected,
         error_pos=error_pos,
-        divergence=divergence,
-        teacher_token=teacher_token,
+        divergence=row["divergence"],
+        teacher_token=row["teacher_token"],
         regen_len=regen,
         num_corrections=corrections,
         teacher_logits=kept[:, :width] if kept is not None else None,
-        teacher_valid=s.length.clone() if opts.keep_teacher_logits else None,
+        teacher_valid=length.clone() if opts.keep_teacher_logits else None,
     )
