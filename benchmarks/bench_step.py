@@ -1,12 +1,16 @@
 """Training-step time of MGSRTrainer against TRL's GKDTrainer and DistillationTrainer, with a per-phase profile.
 
-    python benchmarks/bench_step.py [--steps 20] [--repeats 3] [--quick] [--device cuda --bf16]
+    python benchmarks/bench_step.py [--steps 20] [--turn_steps 5] [--repeats 3] [--quick] [--device cuda --bf16]
 
 Models: the lab's teacher (shipped with the package) and its initial student (trained in ~20 s when not cached in
 `benchmarks/lab/cache/`), on the lab's training prompts. A trained teacher matters here: SCRG only corrects where
 the teacher rejects a student token, and a random teacher rejects nothing. Every run is fully on-policy
-(`lmbda=1`), starts from the same student weights, and trains `1 + --steps` steps (the first is a warm-up and is
-not counted); one process, one run after the other:
+(`lmbda=1`) and starts from the same student weights. The runs train at the same time, taking turns: each is a
+greenlet of one process and thread (so one OpenMP pool: processes or threads that take turns slowed every step by
+30-50 % here), and trains `--turn_steps` steps before passing the turn on; the first step of each turn (caches full
+of the other runs' data) is a warm-up, not measured, and every run measures `--steps` steps. This machine is
+shared, and its slow spells last seconds: taking turns, every run lives through them alike, where runs one after
+the other gave ratios 0.8-1.4 for the same code.
 
 | run | trainer | gradient checkpointing | KV cache in generation |
 | --- | --- | --- | --- |
@@ -28,10 +32,10 @@ phase of the step (they nest; `exclusive` columns are not sums): `sampling` (the
 `sft_forward` (MGSR's second student forward, on the dataset completion), `teacher_forward` (the loss's), each loss
 term (`loss_sft`, `loss_dac_kl`, `loss_span`, `loss_gkd` for GKD's JSD), `band_net` (the band sub-network's
 forward, its own loss and its step), `spans` (span extraction), `backward`, `optimizer`, `metrics` (logging,
-where the host syncs are) and `host_syncs` (calls of `Tensor.item`/`tolist` per step). `--repeats N` runs the
-whole list N times, interleaved (a slow spell of a shared machine then slows every run, not one), and reports the
-means over repeats, with each repeat's ratios. Writes `benchmarks/results/step.json` and prints the ratios and the
-profile.
+where the host syncs are) and `host_syncs` (calls of `Tensor.item`/`tolist` per step); phases are means over
+the measured steps, `step_median` is the median step. `--repeats N` does it all N times and reports each phase's
+mean over repeats. The ratios are of median steps, one per repeat, and their median over repeats is reported.
+Writes `benchmarks/results/step.json` and prints the ratios and the profile.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -50,6 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
+from greenlet import greenlet  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback  # noqa: E402
 
@@ -90,6 +96,7 @@ class Profiler:
         self.total = defaultdict(float)
         self.inside: list[str] = []
         self.cuda = cuda
+        self.active = True  # False while another run (sharing the patched functions) trains
         self._undo = []
 
     def _sync(self):
@@ -113,6 +120,8 @@ class Profiler:
         original = getattr(obj, attr)
 
         def timed(*args, **kwargs):
+            if not self.active:
+                return original(*args, **kwargs)
             with self.phase(name(args, kwargs) if callable(name) else name):
                 return original(*args, **kwargs)
 
@@ -125,7 +134,7 @@ class Profiler:
             original = getattr(torch.Tensor, attr)
 
             def counted(self_, *args, _original=original, **kwargs):
-                self.total["host_syncs"] += 1
+                self.total["host_syncs"] += self.active
                 return _original(self_, *args, **kwargs)
 
             setattr(torch.Tensor, attr, counted)
@@ -144,11 +153,13 @@ class StepClock(TrainerCallback):
         self.profiler, self.steps = profiler, []
         self._start, self._snapshot = None, {}
 
-    def begin(self):
+    def begin(self, cold: bool = False):
+        """A step starts; `cold`: the first of its run's turn, a warm-up that is not measured."""
         if self._start is None:  # several calls within one step (evaluation) keep the first
             self.profiler._sync()
             self._start = time.perf_counter()
             self._snapshot = dict(self.profiler.total)
+            self._cold = cold
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._opt_start = time.perf_counter()
@@ -160,7 +171,7 @@ class StepClock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.profiler._sync()
         phases = {k: v - self._snapshot.get(k, 0.0) for k, v in self.profiler.total.items()}
-        self.steps.append({"step": time.perf_counter() - self._start, **phases})
+        self.steps.append({"step": time.perf_counter() - self._start, **phases, "cold": self._cold})
         self._start = None
 
 
@@ -227,7 +238,8 @@ def build_trainer(kind: str, models: dict, tokenizer, rows: list[dict], opts, ca
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     student = AutoModelForCausalLM.from_pretrained(models["student_init"], dtype=dtype)
     teacher = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=dtype)
-    common = dict(output_dir=f"/tmp/bench_step_{kind}", max_steps=opts.steps + 1, report_to="none",
+    warmups = math.ceil(opts.steps / (opts.turn_steps - 1))  # each turn's first step
+    common = dict(output_dir=f"/tmp/bench_step_{kind}", max_steps=opts.steps + warmups, report_to="none",
                   use_cpu=opts.device == "cpu", bf16=opts.bf16, per_device_train_batch_size=opts.batch_size,
                   learning_rate=2e-3, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
                   gradient_checkpointing=not kind.endswith("_nogc"))
@@ -249,34 +261,62 @@ def build_trainer(kind: str, models: dict, tokenizer, rows: list[dict], opts, ca
     return trainer
 
 
-def run(kind: str, models: dict, tokenizer, rows: list[dict], opts) -> dict:
-    """Train one run; the mean of each phase over the measured steps, the wall time of `train()` and the SCRG
-    correction rate (MGSR)."""
-    profiler = Profiler(cuda=opts.device == "cuda")
-    clock = StepClock(profiler)
-    torch.manual_seed(0)
-    trainer = build_trainer(kind, models, tokenizer, rows, opts, [clock])
-    trainer.remove_callback(PrinterCallback)
-    instrument(trainer, kind, profiler)
-    original = trainer.get_batch_samples
-
-    def clocked_batches(*a, **k):
-        clock.begin()
-        return original(*a, **k)
-
-    trainer.get_batch_samples = clocked_batches
-    profiler.count_host_syncs()
-    start = time.perf_counter()
+def run_all(kinds: list[str], models: dict, tokenizer, rows: list[dict], opts) -> dict[str, dict]:
+    """Train every run of `kinds` at once, interleaved: each run's `train()` is a greenlet (one OS thread, so one
+    OpenMP pool and no hand-over cost) that trains `opts.turn_steps` steps and passes the turn to the next run.
+    The first step of each turn (caches full of another run's data) is a warm-up and is not measured. A slow spell
+    of the shared machine then lands on every run alike. Returns, per run, the mean of each phase over the measured
+    steps, the median step and the SCRG correction rate (MGSR)."""
+    scheduler = greenlet.getcurrent()
+    profilers, clocks, trainers, runs = {}, {}, {}, {}
     try:
-        trainer.train()
+        for kind in kinds:
+            profilers[kind] = profiler = Profiler(cuda=opts.device == "cuda")
+            clocks[kind] = clock = StepClock(profiler)
+            torch.manual_seed(0)
+            trainers[kind] = trainer = build_trainer(kind, models, tokenizer, rows, opts, [clock])
+            trainer.remove_callback(PrinterCallback)
+            instrument(trainer, kind, profiler)
+            profiler.count_host_syncs()
+            trainer.get_batch_samples = _in_turns(trainer.get_batch_samples, clock, scheduler, opts.turn_steps)
+            runs[kind] = greenlet(trainer.train)
+        live = list(kinds)
+        while live:  # round robin, one turn each; an error in a run is raised here
+            for kind in list(live):
+                for other in kinds:  # the runs share the patched module functions: only the running one times
+                    profilers[other].active = other == kind
+                runs[kind].switch()
+                if runs[kind].dead:
+                    live.remove(kind)
     finally:
-        profiler.undo()
-    train_seconds = time.perf_counter() - start
-    measured = clock.steps[1:]  # drop the warm-up step
-    keys = sorted({k for s in measured for k in s})
+        for kind in reversed(list(profilers)):  # patches stack in creation order: undo in reverse
+            profilers[kind].undo()
+    return {kind: _summary(clocks[kind], trainers[kind]) for kind in kinds}
+
+
+def _in_turns(get_batch_samples, clock: StepClock, scheduler, turn_steps: int):
+    """`get_batch_samples` that starts the step's clock, and hands the turn back to `scheduler` before the first
+    step (setup done) and after every `turn_steps` steps."""
+    done = [None]  # steps of the current turn; None before the first
+
+    def clocked(*args, **kwargs):
+        if done[0] is None or done[0] == turn_steps:
+            scheduler.switch()
+            done[0] = 0
+        clock.begin(cold=done[0] == 0)
+        done[0] += 1
+        return get_batch_samples(*args, **kwargs)
+
+    return clocked
+
+
+def _summary(clock: StepClock, trainer) -> dict:
+    measured = [s for s in clock.steps if not s["cold"]]  # each turn's first step warms up (the very first too)
+    keys = sorted({k for s in measured for k in s} - {"cold"})
     mean = {k: sum(s.get(k, 0.0) for s in measured) / len(measured) for k in keys}
+    mean["step_median"] = statistics.median(s["step"] for s in measured)
     logs = [e for e in trainer.state.log_history if "mgsr/scrg_corrected_frac" in e]
-    extra = {"train_seconds": train_seconds}
+    extra = {}
     if logs:
         extra["scrg_corrected_frac"] = sum(e["mgsr/scrg_corrected_frac"] for e in logs) / len(logs)
     return {"seconds_per_step": mean, **extra}
@@ -297,8 +337,7 @@ def _mean_of(repeats: list[dict]) -> dict:
     phases = {p for r in repeats for p in r["seconds_per_step"]}
     mean = {"seconds_per_step": {p: statistics.mean(r["seconds_per_step"].get(p, 0.0) for r in repeats)
                                  for p in phases},
-            "step_per_repeat": [r["seconds_per_step"]["step"] for r in repeats],
-            "train_seconds": statistics.mean(r["train_seconds"] for r in repeats)}
+            "step_per_repeat": [r["seconds_per_step"]["step"] for r in repeats]}
     if "scrg_corrected_frac" in repeats[0]:
         mean["scrg_corrected_frac"] = statistics.mean(r["scrg_corrected_frac"] for r in repeats)
     return mean
@@ -307,7 +346,8 @@ def _mean_of(repeats: list[dict]) -> dict:
 def table(results: dict) -> str:
     """Markdown: one column per run, one row per phase (seconds per step)."""
     kinds = list(results)
-    phases = ["step"] + sorted({p for r in results.values() for p in r["seconds_per_step"]} - {"step", "host_syncs"})
+    phases = ["step", "step_median"] + sorted({p for r in results.values() for p in r["seconds_per_step"]}
+                                              - {"step", "step_median", "host_syncs"})
     lines = ["| phase | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
     for phase in phases + ["host_syncs"]:
         cells = []
@@ -320,7 +360,9 @@ def table(results: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="Measured steps per run (after one warm-up step).")
+    parser.add_argument("--steps", type=int, default=20, help="Measured steps per run (warm-ups not counted).")
+    parser.add_argument("--turn_steps", type=int, default=5,
+                        help="Steps a run trains before the next run's turn (>= 2; the first is a warm-up).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
@@ -334,6 +376,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "step.json"))
     parser.add_argument("--quick", action="store_true", help="Tiny models, 2 steps (smoke check).")
     opts = parser.parse_args(argv)
+    if opts.turn_steps < 2:
+        parser.error("--turn_steps must be >= 2: the first step of each turn is a warm-up and is not measured")
     if opts.quick:
         opts.steps, opts.batch_size, opts.max_new_tokens = 2, 4, 8
     if opts.device == "cpu":
@@ -345,15 +389,15 @@ def main(argv=None):
     rounds = []  # one dict of runs per repeat; the runs interleave, so a slow spell of the machine hits them all
     with quiet():
         for repeat in range(opts.repeats):
-            rounds.append({})
-            for kind in opts.runs:
-                rounds[-1][kind] = run(kind, models, tokenizer, rows, opts)
-                print(f"[{repeat + 1}/{opts.repeats}] {kind} {rounds[-1][kind]['seconds_per_step']['step']:.3f} s/step",
+            rounds.append(run_all(opts.runs, models, tokenizer, rows, opts))
+            for kind, result in rounds[-1].items():
+                step = result["seconds_per_step"]
+                print(f"[{repeat + 1}/{opts.repeats}] {kind} {step['step']:.3f} s/step (median {step['step_median']:.3f})",
                       flush=True)
     results = {kind: _mean_of(kind_rounds) for kind, kind_rounds in
                ((kind, [r[kind] for r in rounds]) for kind in opts.runs)}
-    per_repeat = [_ratios({k: r["seconds_per_step"]["step"] for k, r in one.items()}) for one in rounds]
-    ratios = {name: statistics.mean(r[name] for r in per_repeat) for name in per_repeat[0]}
+    per_repeat = [_ratios({k: r["seconds_per_step"]["step_median"] for k, r in one.items()}) for one in rounds]
+    ratios = {name: statistics.median(r[name] for r in per_repeat) for name in per_repeat[0]}
     report = {"settings": {**{k: v for k, v in vars(opts).items() if k != "out"}, "threads": torch.get_num_threads(),
                            "torch": torch.__version__},
               "results": results, "ratios": ratios, "ratios_per_repeat": per_repeat}
