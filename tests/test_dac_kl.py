@@ -331,7 +331,7 @@ def test_anti_collapse_band_net_alone_cannot_switch_distillation_off(support, di
 @pytest.mark.parametrize("support,direction,top_k", [
     ("full", "forward", None), ("full", "reverse", None), ("band", "forward", None), ("band", "reverse", None),
     ("full", "forward", 12), ("full", "reverse", 12), ("band", "forward", 12),
-    ("full", "jsd", None), ("full", "skew_forward", None), ("full", "skew_reverse", 12)])
+    ("full", "jsd", None), ("full", "skew_forward", None), ("full", "skew_reverse", 12), ("full", "adaptive", 12)])
 def test_chunked_matches_reference(dtype, support, direction, top_k):
     student, teacher, labels = make_batch(dtype=dtype)
     n = int((labels != -100).sum())
@@ -478,7 +478,7 @@ def _kl64(a, b):
     return (a * (a.log() - b.log())).sum(-1)
 
 
-@pytest.mark.parametrize("divergence", ["jsd", "skew_forward", "skew_reverse"])
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward", "skew_reverse", "adaptive"])
 def test_divergences_match_their_definitions(divergence):
     """Against float64 formulas on the clipped teacher of `clipped_teacher` (beta 0.3, skew 0.2)."""
     student, teacher, labels = make_batch()
@@ -492,6 +492,9 @@ def test_divergences_match_their_definitions(divergence):
         expected = 0.3 * _kl64(pt, m) + 0.7 * _kl64(q, m)
     elif divergence == "skew_forward":
         expected = _kl64(pt, 0.2 * pt + 0.8 * q)
+    elif divergence == "adaptive":  # AKL: the head is the teacher's top tokens until half its mass is reached
+        w = torch.stack([_head_gap_share(a, b) for a, b in zip(pt, q)])
+        expected = w * _kl64(pt, q) + (1 - w) * _kl64(q, pt)
     else:
         expected = _kl64(q, 0.2 * q + 0.8 * pt)
     for fn in (dac_kl_loss, chunked_dac_kl_loss):
@@ -509,7 +512,28 @@ def test_band_zero_one_jsd_is_gkds_generalized_jsd():
         torch.testing.assert_close(ours.total, gkd, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("divergence", ["jsd", "skew_forward", "skew_reverse"])
+def _head_gap_share(p, q):
+    """One row, by a plain loop: the share of sum |p - q| on the teacher's top tokens holding its first half."""
+    above, head, total = 0.0, 0.0, 0.0
+    for i in sorted(range(len(p)), key=lambda i: -float(p[i])):
+        gap = abs(float(p[i]) - float(q[i]))
+        head += gap if above < 0.5 else 0.0
+        total += gap
+        above += float(p[i])
+    return torch.tensor(head / total, dtype=torch.float64)
+
+
+def test_adaptive_is_forward_kl_when_only_the_head_differs_and_reverse_when_only_the_tail_does():
+    teacher = torch.log(torch.tensor([[[0.3, 0.3, 0.2, 0.2]]]))  # head: the first two tokens (0 and 0.3 above them)
+    labels = torch.zeros(1, 1, dtype=torch.long)
+    for student_p, other in (([0.4, 0.2, 0.2, 0.2], "forward"), ([0.3, 0.3, 0.25, 0.15], "reverse")):
+        student = torch.log(torch.tensor([[student_p]]))
+        kw = dict(lo=0.0, hi=1.0)
+        adaptive = chunked_dac_kl_loss(student, teacher, labels, divergence="adaptive", **kw).total
+        torch.testing.assert_close(adaptive, chunked_dac_kl_loss(student, teacher, labels, divergence=other, **kw).total)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward", "skew_reverse", "adaptive"])
 def test_divergences_vanish_at_the_teacher_and_not_elsewhere(divergence):
     student, teacher, labels = make_batch()
     same = teacher.clone().requires_grad_()

@@ -121,6 +121,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "MGSR w/o SFT": ("mgsr", {"sft_weight": 0.0}),
     # SCRG's cheaper continuation (no re-generation), the default for a while: lower ROUGE-L here (README).
     "MGSR stop": ("mgsr", {"scrg_continuation": "stop"}),
+    # AKL's per-position mix of forward and reverse KL (dac_divergence="adaptive"): the lab's walk task up to SFT's
+    # level at the same mean; here against the default reverse KL, whose MGSR trails GKD's JSD on Dolly.
+    "MGSR adaptive KL": ("mgsr", {"dac_divergence": "adaptive"}),
 }
 REFERENCE_MODELS = ("teacher", "student init")
 

@@ -12,7 +12,8 @@ where an edge at `lo <= 0` or `hi >= 1` given as a number is hard (its factor is
 Student support:
   * `"full"` (default): a divergence between `p~` and `q = softmax(student / T)`: `KL(p~ || q)`
     (`divergence="forward"`), `KL(q || p~)` (`"reverse"`), GKD's generalised JSD (`"jsd"`, `beta`) or DistiLLM's
-    skew KL / skew reverse KL (`"skew_forward"`, `"skew_reverse"`, `skew`); see `_divergence`. The band selects
+    skew KL / skew reverse KL (`"skew_forward"`, `"skew_reverse"`, `skew`) or AKL's per-position mix of forward and
+    reverse KL (`"adaptive"`); see `_divergence`. The band selects
     the target, the divergence is a separate choice. Everything is computed in log space with the analytic log-mask
     (`log m = logsigmoid(.) + logsigmoid(.)`), which is finite for every token because the soft mask is never 0.
     So the reverse KL is finite: student mass outside the band pays about `s * distance-to-band` nats per unit of
@@ -111,7 +112,7 @@ def _logit(x: float) -> float:
     return math.log(x / (1 - x))
 
 
-DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse")
+DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "adaptive")
 STUDENT_SUPPORTS = ("full", "band")
 
 
@@ -297,6 +298,20 @@ def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.exp() * (a - b).masked_fill(torch.isneginf(a), 0.0)).sum(-1)
 
 
+AKL_HEAD = 0.5  # AKL's head: the teacher's top tokens that hold this much of its mass (the paper's value)
+
+
+def _head_share(lpt: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """`[n]`, detached: the share of `sum_i |p~_i - q_i|` on the tokens of the teacher's head (a token is in it when
+    the teacher tokens ranked above it hold less than `AKL_HEAD` of the mass, so the top token always is)."""
+    with torch.no_grad():
+        p = lpt.exp()
+        ranked, order = p.sort(dim=-1, descending=True)
+        head = (ranked.cumsum(-1) - ranked) < AKL_HEAD
+        gap = (p - lq.exp()).abs().gather(-1, order)
+        return (gap * head).sum(-1) / gap.sum(-1).clamp_min(1e-12)
+
+
 def _mix(la: torch.Tensor, lb: torch.Tensor, weight_a: float) -> torch.Tensor:
     """log(weight_a * a + (1 - weight_a) * b) from log-probabilities."""
     return torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
@@ -307,9 +322,15 @@ def _divergence(lpt: torch.Tensor, lq: torch.Tensor, opts: DACKLSettings) -> tor
 
     forward `KL(p~||q)`; reverse `KL(q||p~)`; jsd: GKD's generalised JSD, `beta KL(p~||m) + (1-beta) KL(q||m)`
     with `m = beta p~ + (1-beta) q` (forward KL at beta 0, reverse at 1); skew_forward (DistiLLM's SKL):
-    `KL(p~ || skew p~ + (1-skew) q)`; skew_reverse (SRKL): `KL(q || skew q + (1-skew) p~)`.
+    `KL(p~ || skew p~ + (1-skew) q)`; skew_reverse (SRKL): `KL(q || skew q + (1-skew) p~)`; adaptive (AKL, Wu et
+    al. 2024): `w KL(p~||q) + (1-w) KL(q||p~)` per row, `w` (no gradient) the share of `sum |p~ - q|` that falls on
+    the teacher's head (its top tokens holding `AKL_HEAD` of its mass): forward KL while the student misses the
+    teacher's mode, reverse KL once it has it.
     """
     kind = opts.divergence
+    if kind == "adaptive":
+        w = _head_share(lpt, lq)
+        return w * _kl(lpt, lq) + (1 - w) * _kl(lq, lpt)
     if kind == "jsd" and opts.beta in (0.0, 1.0):
         kind = "forward" if opts.beta == 0.0 else "reverse"
     if kind == "forward":
