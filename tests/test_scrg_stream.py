@@ -65,6 +65,15 @@ def masked(ids, mask):
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
+def assert_same_revision(new, ref, teacher, pid, pm):
+    """`new` has `ref`'s tokens and corrections, and the teacher's logits of its final rows."""
+    assert masked(new.completion_ids, new.completion_mask) == masked(ref.completion_ids, ref.completion_mask)
+    assert torch.equal(new.error_pos, ref.error_pos)
+    fresh = fresh_teacher_logits(teacher, pid, pm, new)
+    m = new.completion_mask.bool()
+    torch.testing.assert_close(new.teacher_logits[m], fresh[m], rtol=1e-4, atol=1e-4)
+
+
 def frequent_tokens(tok, student, pid, pm, places=((0, 3), (2, 6))):
     """Tokens the deterministic student draws mid-completion (row, position): made end tokens, rows end early."""
     with torch.no_grad():
@@ -106,11 +115,7 @@ def test_deterministic_student_matches_the_reference_with_absolute_positions():
     ref = reference(student, teacher, pid, pm, 2, **kw)
     new = stream_scrg(student, teacher, pid, pm, rounds=2, block_size=4, **kw)
     assert ref.corrected.any()
-    assert masked(new.completion_ids, new.completion_mask) == masked(ref.completion_ids, ref.completion_mask)
-    assert torch.equal(new.error_pos, ref.error_pos)
-    fresh = fresh_teacher_logits(teacher, pid, pm, new)
-    m = new.completion_mask.bool()
-    torch.testing.assert_close(new.teacher_logits[m], fresh[m], rtol=1e-4, atol=1e-4)
+    assert_same_revision(new, ref, teacher, pid, pm)
 
 
 def test_sampled_rows_keep_scrg_invariants(setup):
@@ -183,12 +188,7 @@ def test_rows_that_have_ended_leave_both_models_batches(setup):
     assert rows["teacher"][0] == rows["student"][0] == B
     assert rows["teacher"] == sorted(rows["teacher"], reverse=True) and rows["teacher"][-1] < B
     assert (lengths == lengths.max()).sum() <= rows["student"][-1] < B  # the longest rows decode to the end
-    ref = reference(student, teacher, pid, pm, 1, **kw)
-    assert masked(res.completion_ids, res.completion_mask) == masked(ref.completion_ids, ref.completion_mask)
-    assert torch.equal(res.error_pos, ref.error_pos)
-    fresh = fresh_teacher_logits(teacher, pid, pm, res)
-    m = res.completion_mask.bool()
-    torch.testing.assert_close(res.teacher_logits[m], fresh[m], rtol=1e-4, atol=1e-4)
+    assert_same_revision(res, reference(student, teacher, pid, pm, 1, **kw), teacher, pid, pm)
 
 
 def test_rows_stay_when_a_cache_layer_cannot_select_them(setup):
