@@ -392,8 +392,8 @@ def main(argv=None):
             rounds.append(run_all(opts.runs, models, tokenizer, rows, opts))
             for kind, result in rounds[-1].items():
                 step = result["seconds_per_step"]
-                print(f"[{repeat + 1}/{opts.repeats}] {kind} {step['step']:.3f} s/step (median {step['step_median']:.3f})",
-                      flush=True)
+                print(f"[{repeat + 1}/{opts.repeats}] {kind} {step['step']:.3f} s/step "
+                      f"(median {step['step_median']:.3f})", flush=True)
     results = {kind: _mean_of(kind_rounds) for kind, kind_rounds in
                ((kind, [r[kind] for r in rounds]) for kind in opts.runs)}
     per_repeat = [_ratios({k: r["seconds_per_step"]["step_median"] for k, r in one.items()}) for one in rounds]

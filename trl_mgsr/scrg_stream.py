@@ -17,6 +17,8 @@ sample is being drawn, the way speculative decoding verifies a draft:
    with `continuation="stop"` the row ends at the correction;
 4. repeat until every row has ended (an end token or `max_new_tokens` tokens, each judged). Once no row that still
    samples has a correction left, the student samples to the end and the teacher reads the rest in one forward.
+   After each teacher forward the rows that have ended leave both batches and KV caches (unless a cache layer keeps
+   state that row selection would miss), so later forwards run on the rows still going.
 
 With sliding-window attention the holes count towards the window (it is measured in cache slots), so a row
 with corrections sees slightly fewer tokens than a fresh forward would once it is longer than the window.
@@ -30,7 +32,8 @@ teacher token it rejects itself), and the student's samples come from the global
 
 Cost: the longest row's decoding steps plus, per correction, the steps its block had left (fewer than
 `block_size`), and one teacher forward per block; against a whole `generate`, a teacher forward, a second
-`generate` and a teacher forward for the loss on the re-generated rows.
+`generate` and a teacher forward for the loss on the re-generated rows. Blocks after the short rows have ended run
+on the long rows only (`generate` steps every row to the end).
 """
 
 from __future__ import annotations
@@ -305,7 +308,8 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 steps = 0
                 while True:
                     # settled: no row that still samples can be corrected, so the teacher's verdict waits for the end
-                    done, settled = _everywhere([s.stopped.all(), (s.stopped | (s.corrections >= rounds)).all()], synced)
+                    settled = (s.stopped | (s.corrections >= rounds)).all()
+                    done, settled = _everywhere([s.stopped.all(), settled], synced)
                     if done or (steps >= size and not settled):
                         break
                     student_step(first=False)
