@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU timing check (issue 15): a few bf16 steps of MGSR against GKD and DistillationTrainer on the lab's models,
 # one process, ratios printed. Needs a CUDA machine with this package's dependencies installed (torch with CUDA,
-# transformers, trl, peft, accelerate, datasets, greenlet: `pip install -e .[bench]`); the lab teacher ships with the package and the initial student
-# trains in ~20 s. Bounded to 5 minutes.
+# transformers, trl, peft, accelerate, datasets, greenlet: `pip install -e .[bench]`); the lab teacher ships with
+# the package and the initial student trains in ~20 s. Bounded to 5 minutes.
 #
 #     bash benchmarks/gpu_check.sh            # writes benchmarks/results/step_gpu.json
 set -euo pipefail

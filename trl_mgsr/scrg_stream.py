@@ -169,16 +169,15 @@ class _Stream:
         """Keep only the rows that have not ended, here and in `caches`; call it when the teacher has judged every
         token drawn. Keeps every row when none or all have ended (a process whose rows have all ended still runs
         the forwards of a synced loop), or when a cache holds a layer that cannot select rows."""
-        live = int((~self.stopped).sum())
-        if live in (0, self.stopped.numel()) or not all(_selectable(cache) for cache in caches):
+        keep = (~self.stopped).nonzero().squeeze(1)  # one host sync
+        if keep.numel() in (0, self.stopped.numel()) or not all(_selectable(cache) for cache in caches):
             return
-        keep = (~self.stopped).nonzero().squeeze(1)
         self._record(self.stopped)
         for name in self.ROW_FIELDS:
             setattr(self, name, getattr(self, name)[keep])
         for cache in caches:
             cache.batch_select_indices(keep)
-        self.rows = torch.arange(live, device=keep.device)
+        self.rows = torch.arange(keep.numel(), device=keep.device)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The outcome of every batch row: `out` `[B, N]`, `length`, `corrections`, `error_pos`, `divergence`,
