@@ -41,6 +41,31 @@ def test_collator_labels_cover_exactly_the_completion(fmt, tokenizer):
         assert len(real) == n_prompt + len(completion_ids)
 
 
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "conversational"])
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_a_batch_holds_each_row_as_collated_alone(fmt, max_length, tokenizer):
+    """The collator tokenizes a batch in one call per column and pads it in one go: every row of the batch must be
+    that row collated on its own, left-padded (prompt, sequence, masks, labels)."""
+    rows = toy_rows(5, fmt)
+    rows[1] = {**rows[1]}  # a longer row, so the others are padded (and, with max_length, cut)
+    if fmt == "prompt_completion":
+        rows[1]["completion"] = " and so on" * 6 + rows[1]["completion"]
+    elif fmt == "messages":
+        rows[1]["messages"] = rows[1]["messages"][:-1] + [{"role": "assistant", "content": "so on " * 6}]
+    else:
+        rows[1]["completion"] = [{"role": "assistant", "content": "so on " * 6}]
+    collate = MGSRDataCollator(tokenizer, max_length=max_length)
+    batch = collate(rows)
+    for i, row in enumerate(rows):
+        alone = collate([row])
+        for key, mask_key in [("input_ids", "attention_mask"), ("labels", "attention_mask"),
+                              ("attention_mask", "attention_mask"), ("prompts", "prompt_attention_mask")]:
+            width = alone[key].shape[1]
+            assert torch.equal(batch[key][i, -width:], alone[key][0]), (key, i)
+            assert not batch[mask_key][i, :-width].any(), (key, i)  # the rest is padding
+        assert (batch["labels"][i, : -alone["labels"].shape[1]] == -100).all()
+
+
 def test_pad_equal_to_eos_keeps_the_end_token_in_labels():
     tok = build_tokenizer(same_pad_and_eos=True)
     assert tok.pad_token_id == tok.eos_token_id

@@ -94,7 +94,11 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     """Ids of a plain-text prompt with the tokenizer's leading special tokens (e.g. BOS), as `tokenizer(text)` adds
     them, but never twice: a text that already starts with them (e.g. a rendered chat template) is kept as it is."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # length is the caller's business
-    prefix = _special_prefix(tokenizer)
+    return with_prefix(ids, _special_prefix(tokenizer))
+
+
+def with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
+    """`ids` starting with `prefix` (added unless already there)."""
     return ids if ids[: len(prefix)] == prefix else prefix + ids
 
 
@@ -111,11 +115,8 @@ def _special_prefix(tokenizer) -> list[int]:
 def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     """Left-pad lists of ints to one `[B, max_len]` long tensor."""
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-    return out
+    padded = [[value] * (width - len(r)) + list(r) for r in rows]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -144,16 +145,25 @@ class MGSRDataCollator:
             raise ValueError(
                 "The tokenizer has no pad token; set one (e.g. `tokenizer.pad_token = tokenizer.eos_token`)."
             )
+        self._prefix = _special_prefix(self.tokenizer)
 
     def encode(self, example: dict[str, Any], row: int = 0) -> tuple[list[int], list[int]]:
         """`(prompt_ids, completion_ids)` of one row, before truncation."""
-        prompt_text, completion_text = split_prompt_completion(example, self.tokenizer, row=row)
-        if isinstance(example.get("prompt"), str):  # standard format: BOS as TRL's SFT adds it
-            prompt_ids = encode_prompt(self.tokenizer, prompt_text)
-        else:  # a rendered conversation
-            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False, verbose=False)["input_ids"]
+        return self.encode_rows([example], first_row=row)[0]
+
+    def encode_rows(self, examples: list[dict[str, Any]], first_row: int = 0) -> list[tuple[list[int], list[int]]]:
+        """`(prompt_ids, completion_ids)` of each row, before truncation: the texts of every row, then one tokenizer
+        call for all prompts and one for all completions (a call per text cost more than the step's loss on the
+        lab). A malformed row raises a `ValueError` naming it (`first_row` + its index)."""
+        texts = [split_prompt_completion(example, self.tokenizer, row=first_row + i)
+                 for i, example in enumerate(examples)]
         # verbose=False: no "longer than the specified maximum sequence length" message; `truncation_report` is ours
-        return prompt_ids, self.tokenizer(completion_text, add_special_tokens=False, verbose=False)["input_ids"]
+        prompts, completions = (self.tokenizer([t[k] for t in texts], add_special_tokens=False,
+                                               verbose=False)["input_ids"] for k in (0, 1))
+        # standard format: BOS as TRL's SFT adds it; a rendered conversation is kept as it is
+        prompts = [with_prefix(ids, self._prefix) if isinstance(example.get("prompt"), str) else ids
+                   for ids, example in zip(prompts, examples)]
+        return list(zip(prompts, completions))
 
     def truncate(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
         """Fit `max_length`: the completion loses its end; a prompt over `max_length - 1` keeps its last tokens."""
@@ -192,31 +202,29 @@ class MGSRDataCollator:
                 f"{self.max_length} tokens: {'; '.join(parts)}. Raise max_length or shorten those rows.")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts, sequences, prompt_lens = [], [], []
-        for i, example in enumerate(examples):
-            try:
-                prompt_ids, completion_ids = self.encode(example, row=i)
-            except ValueError as err:  # only a dataset's first row is checked at trainer construction
-                raise ValueError(f"A batch has a malformed row (rows counted within the batch): {err}") from None
+        try:
+            encoded = self.encode_rows(examples)
+        except ValueError as err:  # only a dataset's first row is checked at trainer construction
+            raise ValueError(f"A batch has a malformed row (rows counted within the batch): {err}") from None
+        prompts, sequences = [], []
+        for prompt_ids, completion_ids in encoded:
             prompt_ids, completion_ids = self.truncate(prompt_ids, completion_ids)
             prompts.append(prompt_ids)
             sequences.append(prompt_ids + completion_ids)
-            prompt_lens.append(len(prompt_ids))
 
         pad = self.tokenizer.pad_token_id
         input_ids = left_pad(sequences, pad)
-        attention_mask = left_pad([[1] * len(s) for s in sequences], 0)
-        labels = input_ids.clone()
         width = input_ids.shape[1]
-        for i, (seq, plen) in enumerate(zip(sequences, prompt_lens)):
-            labels[i, : width - len(seq) + plen] = -100
+        padding = width - torch.tensor([len(s) for s in sequences], dtype=torch.long).unsqueeze(1)
+        completion_start = padding + torch.tensor([len(p) for p in prompts], dtype=torch.long).unsqueeze(1)
+        positions = torch.arange(width).unsqueeze(0)
         batch = {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
+            "attention_mask": (positions >= padding).long(),
+            "labels": input_ids.masked_fill(positions < completion_start, -100),
             "prompts": left_pad(prompts, pad),
             "prompt_attention_mask": left_pad([[1] * len(p) for p in prompts], 0),
         }
         if self.span_fn is not None:
-            batch["span_ids"] = self.span_fn(self.tokenizer, input_ids, labels != -100)
+            batch["span_ids"] = self.span_fn(self.tokenizer, input_ids, batch["labels"] != -100)
         return batch
