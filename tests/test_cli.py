@@ -299,7 +299,8 @@ def test_distill_help_lists_mgsr_flags_first_and_is_truthful_about_the_teacher(c
 
     assert main(["distill", "--help-mgsr"]) == 0
     short = capsys.readouterr().out
-    assert "--dac_weight" in short and "--learning_rate" not in short and len(short.splitlines()) < 200
+    # MGSR's ~65 fields only: about 200 lines, against 900 for the whole listing
+    assert "--dac_weight" in short and "--learning_rate" not in short and len(short.splitlines()) < 300
 
 
 def test_eval_help_states_defaults(capsys):

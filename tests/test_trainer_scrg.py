@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -45,6 +46,37 @@ def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path, rule
     assert metrics["mgsr/scrg_corrected_frac"][0] > 0
     completion = batch["labels"][:, batch["prompts"].shape[1]:] != -100
     assert int(completion.sum(1).max()) <= 8  # never beyond max_new_tokens
+
+
+@pytest.mark.parametrize("block_size", [0, 3])
+def test_correction_term_is_the_forward_kl_at_each_corrected_token(tokenizer, tmp_path, monkeypatch, block_size):
+    trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_error="first_rejected",
+                   scrg_reject_ratio=0.999, scrg_block_size=block_size, scrg_correction_weight=2.0)
+    results = []
+    scrg = trainer._scrg
+    monkeypatch.setattr(trainer, "_scrg", lambda *a, **k: results.append(scrg(*a, **k)) or results[-1])
+    batch = on_policy_batch(trainer)
+    result, prompt_width = results[0], batch["prompts"].shape[1]
+    kept = batch["mgsr_correction_labels"]
+    rows, cols = (kept != -100).nonzero(as_tuple=True)
+    assert len(rows) > 0 and torch.equal(rows, result.corrected.nonzero().squeeze(1))  # one token per corrected row
+    assert torch.equal(cols - prompt_width, result.error_pos[rows])  # at the correction ...
+    assert torch.equal(kept[rows, cols], result.teacher_token[rows])  # ... which holds the teacher's token
+    assert torch.equal(batch["labels"][rows, cols], kept[rows, cols])
+
+    counts = trainer.count_items([batch])
+    assert counts["correction"] == len(rows)
+    with torch.no_grad():
+        with_term = trainer.compute_loss(trainer.model, batch, num_items_in_batch=counts)
+        logits = trainer._forward(trainer.model, batch["input_ids"], batch["attention_mask"]).logits
+        teacher = trainer.teacher_logits(batch)
+        trainer.args.scrg_correction_weight = 0.0
+        without = trainer.compute_loss(trainer.model, batch, num_items_in_batch=counts)
+    # KL(teacher || student) of the position predicting each corrected token, mean over the corrections
+    log_p, log_q = (F.log_softmax(x[rows, cols - 1].double(), -1) for x in (teacher, logits))
+    forward_kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    assert torch.allclose((with_term - without).double(), 2.0 * forward_kl, atol=1e-5)
+    assert len(trainer._metrics["train"]["mgsr/correction"]) == 1
 
 
 def test_scrg_rounds_zero_is_gkds_hook(tokenizer, tmp_path):

@@ -35,7 +35,8 @@ class MGSRConfig(GKDConfig):
     Configuration for [`MGSRTrainer`]: every [`GKDConfig`] option (and so every `SFTConfig`/`TrainingArguments`
     option) plus the options of Multi-Granularity Semantic Revision.
 
-    The objective is `sft_weight * L_SFT + dac_weight * L_DAC-KL + span_weight * L_span`. GKD's `beta` is not used
+    The objective is `sft_weight * L_SFT + dac_weight * L_DAC-KL + span_weight * L_span` (`+ scrg_correction_weight *
+    L_correction`). GKD's `beta` is not used
     (DAC-KL has its own `dac_divergence` and `dac_beta`; a `beta` other than GKD's default gets a warning); `temperature` is the
     sampling temperature of on-policy generation only (the losses use `dac_temperature`); `lmbda`, `seq_kd` and
     `max_new_tokens` keep their GKD meaning.
@@ -46,6 +47,11 @@ class MGSRConfig(GKDConfig):
     dac_weight (`float`, defaults to `1.0`): weight of the DAC-KL term.
     span_weight (`float`, defaults to `0.1`): weight of the span term (by the lab: at 1.0 it lowered the student,
         0.27 against 0.32 without it; at 0.1 it is level with no span term).
+    scrg_correction_weight (`float`, defaults to `0.0`): weight of an extra term on the positions SCRG corrected
+        (the student's own mistakes, on its own prefix): the forward KL to the whole teacher distribution there,
+        averaged over the corrections. Lab (3 seeds): 0.3 lifts `walk` (24 tokens, one mistake spoils it) from 0.11
+        to 0.14 (SFT 0.13; fully on-policy 0.16) at the same mean (0.34), `sort` 0.20 against 0.21 and `pick` 0.68
+        against 0.70; 1.0 lowers the mean (0.32). Off by default: it trades `sort` for `walk` (README, Quality).
 
     > SCRG (sequence correction and re-generation)
 
@@ -166,6 +172,11 @@ class MGSRConfig(GKDConfig):
     span_weight: float = field(default=0.1, metadata={"help": "Weight of the span consistency term."})
 
     # SCRG
+    scrg_correction_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the forward KL to the teacher at each SCRG-corrected position (the student's "
+                          "own mistakes, on its own prefix), averaged over the corrections; 0 turns it off."},
+    )
     scrg_rounds: int = field(
         default=1, metadata={"help": "SCRG correction rounds per on-policy sample; 0 turns SCRG off."}
     )
@@ -365,7 +376,7 @@ class MGSRConfig(GKDConfig):
         ):
             if getattr(self, name) not in choices:
                 fail(name, f"must be one of {', '.join(map(repr, choices))}")
-        for name in ("sft_weight", "dac_weight", "span_weight"):
+        for name in ("sft_weight", "dac_weight", "span_weight", "scrg_correction_weight"):
             if not self._is_number(name) or getattr(self, name) < 0:
                 fail(name, "must be a number >= 0")
         if self.sft_weight + self.dac_weight + self.span_weight <= 0:

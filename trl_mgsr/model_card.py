@@ -55,7 +55,8 @@ def objective(args) -> str:
     band = "a learned band" if args.dac_mode == "learned" else f"the fixed band [{args.dac_lo:g}, {args.dac_hi:g}]"
     parts = [(args.sft_weight, "SFT"),
              (args.dac_weight, f"DAC-KL ({args.dac_divergence} divergence to the teacher clipped to {band})"),
-             (args.span_weight, f"span ({args.span_objective})")]
+             (args.span_weight, f"span ({args.span_objective})"),
+             (args.scrg_correction_weight, "forward KL at the SCRG-corrected tokens")]
     return " + ".join(f"{w:g} · {name}" for w, name in parts if w) or "no loss term (every weight is 0)"
 
 

@@ -17,8 +17,9 @@ from .losses import (IGNORE_INDEX, LossTerm, band_features, band_label_loss, chu
 from .losses.terms import labelled_rows
 from .spans import span_counts, span_groups, span_pair_mask
 
-TERMS = ("sft", "dac_kl", "span", "band")  # "band": the band sub-network's own objective (dac_band_objective="label")
-WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight"}  # "band" trains only the band
+TERMS = ("sft", "dac_kl", "span", "band", "correction")  # "band": the band sub-network's own objective
+WEIGHT_FIELDS = {"sft": "sft_weight", "dac_kl": "dac_weight", "span": "span_weight",
+                 "correction": "scrg_correction_weight"}  # "band" trains only the band
 
 
 def shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
@@ -27,10 +28,17 @@ def shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
 
 
 def loss_terms(args, student_logits, teacher_logits, labels, *, sft=None, span_ids=None, band_net=None,
-               train_band: bool = False) -> dict[str, LossTerm]:
+               train_band: bool = False, correction_labels=None) -> dict[str, LossTerm]:
     """The terms whose weight is > 0: `sft` (on `sft = (logits, labels)` when the SFT sequence is the dataset's and
-    not the distillation sequence), `dac_kl` (and `band`, see `dac_kl_terms`) and `span` (shifted `span_ids`)."""
+    not the distillation sequence), `dac_kl` (and `band`, see `dac_kl_terms`), `span` (shifted `span_ids`) and
+    `correction` (shifted `correction_labels`, on an on-policy batch: the forward KL to the whole, unclipped teacher at
+    each position SCRG corrected; measured against a cross-entropy on the teacher's token, which lowered `sort`)."""
     terms: dict[str, LossTerm] = {}
+    if args.scrg_correction_weight > 0 and correction_labels is not None:
+        term = chunked_dac_kl_loss(student_logits, teacher_logits, correction_labels, lo=0.0, hi=1.0,
+                                   divergence="forward", temperature=args.dac_temperature,
+                                   chunk_size=args.loss_chunk_size)
+        terms["correction"] = LossTerm(term.total, term.num_items, {})  # the fixed band's stats say nothing
     if args.sft_weight > 0:
         sft_logits, sft_labels = sft if sft is not None else (student_logits, labels)
         terms["sft"] = chunked_sft_loss(sft_logits, sft_labels, chunk_size=args.loss_chunk_size)
@@ -97,7 +105,9 @@ def item_counts(args, batch: dict[str, Any], train_band: bool) -> list[torch.Ten
     else:
         span = span_pair_mask(batch["span_ids"][:, 1:], labels).sum()
     tokens = (labels != IGNORE_INDEX).sum()
-    return [(sft_labels != IGNORE_INDEX).sum(), tokens, span, tokens * train_band]
+    corrections = (batch["mgsr_correction_labels"][:, 1:] != IGNORE_INDEX).sum() if (
+        "mgsr_correction_labels" in batch) else torch.zeros((), dtype=torch.long, device=labels.device)
+    return [(sft_labels != IGNORE_INDEX).sum(), tokens, span, tokens * train_band, corrections]
 
 
 def term_ratios(terms: dict[str, LossTerm], inputs: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -199,6 +199,15 @@ def assemble_on_policy_batch(
     return input_ids, attention_mask, labels
 
 
+def correction_labels(labels: torch.Tensor, prompt_width: int, result: SCRGResult) -> torch.Tensor:
+    """`labels` `[B, T]` of an assembled on-policy batch (`assemble_on_policy_batch`) kept only at each corrected
+    row's correction (its completion index `result.error_pos`, the teacher's token; with several rounds, the last
+    one); -100 elsewhere."""
+    column = (prompt_width + result.error_pos.clamp(min=0)).clamp(max=labels.shape[1] - 1).unsqueeze(1)
+    keep = torch.zeros_like(labels, dtype=torch.bool).scatter_(1, column, result.corrected.unsqueeze(1))
+    return labels.masked_fill(~keep, -100)
+
+
 def kept_teacher_logits(kept: torch.Tensor, valid: torch.Tensor, prompt_width: int,
                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's logits `[B, T, V]` on the revised sequences `[prompt (prompt_width columns), completion]` whose

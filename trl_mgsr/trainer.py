@@ -44,8 +44,8 @@ from .losses import IGNORE_INDEX
 from .objective import TERMS, shift_left
 from .runtime import quiet_trl_deprecations
 from .schedule import OFF_POLICY, REPLAY, STUDENT, AdaptiveSchedule, GKDSchedule, schedule_from_config
-from .scrg import (SCRGResult, SCRGSettings, assemble_on_policy_batch, completion_from_generate, kept_teacher_logits,
-                   scrg_revise)
+from .scrg import (SCRGResult, SCRGSettings, assemble_on_policy_batch, completion_from_generate, correction_labels,
+                   kept_teacher_logits, scrg_revise)
 from .scrg_stream import stream_scrg, streamable
 from .spans import get_span_extractor, span_ids_from_tokens
 
@@ -269,6 +269,8 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
                 cache = {"mgsr_teacher_logits": result.teacher_logits, "mgsr_teacher_valid": result.teacher_valid}
             self._log_ratios(objective.scrg_ratios(result), "train")
         ids, mask, labels = assemble_on_policy_batch(prompts, prompt_mask, completion_ids, completion_mask, pad)
+        if self.args.scrg_rounds > 0 and self.args.scrg_correction_weight > 0:
+            cache["mgsr_correction_labels"] = correction_labels(labels, prompts.shape[1], result)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, **cache}
 
     def _scrg(self, model, prompts, prompt_mask, generation_config) -> SCRGResult:
@@ -362,6 +364,8 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
             self.args, student_logits, teacher_logits, labels, sft=sft,
             span_ids=shift_left(inputs["span_ids"], -1) if self.args.span_weight > 0 else None,
             band_net=self.dac_band_net, train_band=self._trains_band(inputs),
+            correction_labels=shift_left(inputs["mgsr_correction_labels"], IGNORE_INDEX)
+            if "mgsr_correction_labels" in inputs else None,
         )
         global_counts = isinstance(num_items_in_batch, dict)
         loss = objective.weighted_loss(self.args, terms, num_items_in_batch if global_counts else None,

@@ -124,6 +124,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     # AKL's per-position mix of forward and reverse KL (dac_divergence="adaptive"): the lab's walk task up to SFT's
     # level at the same mean; here against the default reverse KL, whose MGSR trails GKD's JSD on Dolly.
     "MGSR adaptive KL": ("mgsr", {"dac_divergence": "adaptive"}),
+    # A forward KL at each SCRG-corrected position (scrg_correction_weight): the lab's walk above SFT's level.
+    "MGSR correction 0.3": ("mgsr", {"scrg_correction_weight": 0.3}),
 }
 REFERENCE_MODELS = ("teacher", "student init")
 
