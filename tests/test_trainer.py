@@ -77,7 +77,8 @@ def test_off_policy_step_adds_no_sft_copy(tokenizer, tmp_path):
 
 
 def test_sft_term_uses_ground_truth_on_policy(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, dac_weight=0.0, span_weight=0.0)
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, dac_weight=0.0, span_weight=0.0,
+                           scrg_correction_weight=0.0)
     trainer.model_wrapped = trainer.model
     batch = trainer.prepare_distillation_batch(first_batch(trainer))
     loss = trainer.compute_loss(trainer.model, batch)

@@ -47,6 +47,7 @@ METHODS: dict[str, Method] = {
     "MGSR fixed band": Method("mgsr", {"dac_mode": "fixed"}),
     "MGSR w/o span": Method("mgsr", {"span_weight": 0.0}),
     "MGSR w/o SFT": Method("mgsr", {"sft_weight": 0.0}),
+    "MGSR w/o correction": Method("mgsr", {"scrg_correction_weight": 0.0}),
     "MGSR adaptive schedule": Method("mgsr", {"schedule": "adaptive"}),
 }
 REFERENCE = "GKD"  # time ratios are to this method, measured in the same run
