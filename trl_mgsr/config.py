@@ -53,7 +53,7 @@ class MGSRConfig(GKDConfig):
         the lab (3 seeds, GKD in the same run), where 0.3 brings `walk` (24 tokens, one mistake spoils it) from 0.11
         to 0.14, above SFT's 0.13 (fully on-policy 0.16 against 0.11), at the same mean (0.34; fully on-policy
         0.35), `sort` 0.20 against 0.21 and `pick` 0.68 against 0.70; 1.0 lowers the mean (0.32).
-        Dolly ROUGE-L (2 training seeds): 5.42 against 5.48 without it (GKD 5.59), within the seeds' spread.
+        Dolly ROUGE-L (2 training seeds): 5.42 against 5.47 without it (GKD 5.59), within the seeds' spread.
 
     > SCRG (sequence correction and re-generation)
 
