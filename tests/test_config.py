@@ -70,8 +70,13 @@ def test_band_narrower_than_min_width_is_rejected():
 
 
 def test_all_weights_zero_is_rejected():
-    with pytest.raises(ValueError, match="sft_weight, dac_weight and span_weight"):
-        MGSRConfig("out", **BASE, sft_weight=0.0, dac_weight=0.0, span_weight=0.0)
+    with pytest.raises(ValueError, match="sft_weight, dac_weight and span_weight.*scrg_correction_weight alone"):
+        MGSRConfig("out", **BASE, sft_weight=0.0, dac_weight=0.0, span_weight=0.0, scrg_correction_weight=1.0)
+
+
+def test_correction_divergence_is_checked():
+    with pytest.raises(ValueError, match=r"scrg_correction_divergence must be one of"):
+        MGSRConfig("out", **BASE, scrg_correction_divergence="kl")
 
 
 def test_gkd_range_checks_still_apply():

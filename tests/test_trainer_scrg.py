@@ -48,10 +48,11 @@ def test_on_policy_step_runs_scrg_and_logs_its_metrics(tokenizer, tmp_path, rule
     assert int(completion.sum(1).max()) <= 8  # never beyond max_new_tokens
 
 
-@pytest.mark.parametrize("block_size", [0, 3])
-def test_correction_term_is_the_forward_kl_at_each_corrected_token(tokenizer, tmp_path, monkeypatch, block_size):
+@pytest.mark.parametrize("block_size, divergence", [(0, "forward"), (3, "forward"), (0, "reverse")])
+def test_correction_term_is_the_kl_at_each_corrected_token(tokenizer, tmp_path, monkeypatch, block_size, divergence):
     trainer = make(tokenizer, tmp_path, lmbda=1.0, max_new_tokens=8, scrg_error="first_rejected",
-                   scrg_reject_ratio=0.999, scrg_block_size=block_size, scrg_correction_weight=2.0)
+                   scrg_reject_ratio=0.999, scrg_block_size=block_size, scrg_correction_weight=2.0,
+                   scrg_correction_divergence=divergence)
     results = []
     scrg = trainer._scrg
     monkeypatch.setattr(trainer, "_scrg", lambda *a, **k: results.append(scrg(*a, **k)) or results[-1])
@@ -72,10 +73,13 @@ def test_correction_term_is_the_forward_kl_at_each_corrected_token(tokenizer, tm
         teacher = trainer.teacher_logits(batch)
         trainer.args.scrg_correction_weight = 0.0
         without = trainer.compute_loss(trainer.model, batch, num_items_in_batch=counts)
-    # KL(teacher || student) of the position predicting each corrected token, mean over the corrections
+    # KL(teacher || student) (or KL(student || teacher)) of the position predicting each corrected token, mean over
+    # the corrections
     log_p, log_q = (F.log_softmax(x[rows, cols - 1].double(), -1) for x in (teacher, logits))
-    forward_kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    assert torch.allclose((with_term - without).double(), 2.0 * forward_kl, atol=1e-5)
+    if divergence == "reverse":
+        log_p, log_q = log_q, log_p
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    assert torch.allclose((with_term - without).double(), 2.0 * kl, atol=1e-5)
     assert len(trainer._metrics["train"]["mgsr/correction"]) == 1
 
 

@@ -180,6 +180,12 @@ class MGSRConfig(GKDConfig):
                           "own mistakes, on its own prefix), averaged over the corrections; 0 turns it off (0.3: "
                           "chosen by the lab)."},
     )
+    scrg_correction_divergence: str = field(
+        default="forward",
+        metadata={"help": "Divergence of the SCRG correction term against the whole teacher: 'forward' KL(p||q), "
+                          "'reverse', 'jsd' (dac_beta), 'skew_forward', 'skew_reverse' (dac_skew), 'adaptive'.",
+                  "choices": list(DIVERGENCES)},
+    )
     scrg_rounds: int = field(
         default=1, metadata={"help": "SCRG correction rounds per on-policy sample; 0 turns SCRG off."}
     )
@@ -372,6 +378,7 @@ class MGSRConfig(GKDConfig):
             ("dac_student_support", DAC_STUDENT_SUPPORTS),
             ("dac_band_objective", DAC_BAND_OBJECTIVES),
             ("dac_divergence", DIVERGENCES),
+            ("scrg_correction_divergence", DIVERGENCES),
             ("span_extractor", SPAN_EXTRACTORS),
             ("span_objective", SPAN_OBJECTIVES),
             ("span_distance", SPAN_DISTANCES),
@@ -384,8 +391,9 @@ class MGSRConfig(GKDConfig):
                 fail(name, "must be a number >= 0")
         if self.sft_weight + self.dac_weight + self.span_weight <= 0:
             raise ValueError(
-                "MGSRConfig: sft_weight, dac_weight and span_weight are all 0, so there is nothing to train; "
-                "set at least one of them > 0."
+                "MGSRConfig: sft_weight, dac_weight and span_weight are all 0, so there is nothing to train on "
+                "most batches (scrg_correction_weight alone sees only the tokens SCRG corrects); set at least one of "
+                "them > 0."
             )
         if (self.schedule == "adaptive" and max(self.replay_ratio_start, self.replay_ratio_end) > 0
                 and self.replay_capacity < self.per_device_train_batch_size):

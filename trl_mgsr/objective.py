@@ -36,7 +36,8 @@ def loss_terms(args, student_logits, teacher_logits, labels, *, sft=None, span_i
     terms: dict[str, LossTerm] = {}
     if args.scrg_correction_weight > 0 and correction_labels is not None:
         term = chunked_dac_kl_loss(student_logits, teacher_logits, correction_labels, lo=0.0, hi=1.0,
-                                   divergence="forward", temperature=args.dac_temperature,
+                                   divergence=args.scrg_correction_divergence, beta=args.dac_beta,
+                                   skew=args.dac_skew, temperature=args.dac_temperature,
                                    chunk_size=args.loss_chunk_size)
         terms["correction"] = LossTerm(term.total, term.num_items, {})  # the fixed band's stats say nothing
     if args.sft_weight > 0:
