@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student_layers", type=int, default=None)
     parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
                         help="A subset of the tasks (a new teacher and initial student, trained and cached).")
-    parser.add_argument("--samples", type=int, default=4, help="Sampled responses per held-out prompt.")
+    parser.add_argument("--samples", type=int, default=16,
+                        help="Sampled responses per held-out prompt (16: with 4, re-evaluating one student under "
+                             "other sampling seeds varied `pick` as much as the training seeds did).")
     parser.add_argument("--workers", type=int, default=2, help="Jobs run in parallel, one torch thread each.")
     args = parser.parse_args(argv)
     for variant in args.variant:
