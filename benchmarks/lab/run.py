@@ -1,6 +1,6 @@
 """The distillation lab: every method from the same student on checkable tasks, several seeds, one run.
 
-    python benchmarks/lab/run.py            # the full grid (14 min on 2 CPU cores, measured)
+    python benchmarks/lab/run.py            # the full grid (11 methods x 3 seeds: about 35 min on 2 CPU cores)
     python benchmarks/lab/run.py --quick    # a smoke run of the whole pipeline (< 2 min)
 
 Tasks (`trl_mgsr/lab/tasks.py`): `sort` (one correct answer), `pick` (many valid answers), `walk` (24 letters where
