@@ -56,7 +56,8 @@ def objective(args) -> str:
     parts = [(args.sft_weight, "SFT"),
              (args.dac_weight, f"DAC-KL ({args.dac_divergence} divergence to the teacher clipped to {band})"),
              (args.span_weight, f"span ({args.span_objective})"),
-             (args.scrg_correction_weight, "forward KL at the SCRG-corrected tokens")]
+             (args.scrg_correction_weight,
+              f"{args.scrg_correction_divergence} divergence to the whole teacher at the SCRG-corrected tokens")]
     return " + ".join(f"{w:g} · {name}" for w, name in parts if w) or "no loss term (every weight is 0)"
 
 
