@@ -54,6 +54,8 @@ class MGSRConfig(GKDConfig):
         to 0.14, above SFT's 0.13 (fully on-policy 0.16 against 0.11), at the same mean (0.34; fully on-policy
         0.35), `sort` 0.20 against 0.21 and `pick` 0.68 against 0.70; 1.0 lowers the mean (0.32).
         Dolly ROUGE-L (2 training seeds): 5.42 against 5.47 without it (GKD 5.59), within the seeds' spread.
+    scrg_correction_divergence (`str`, defaults to `"forward"`): that term's divergence, one of `dac_divergence`'s
+        choices (`jsd`/skews take `dac_beta`/`dac_skew`). Lab: reverse KL and JSD score the same as forward KL (0.34).
 
     > SCRG (sequence correction and re-generation)
 

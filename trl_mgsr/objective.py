@@ -31,8 +31,9 @@ def loss_terms(args, student_logits, teacher_logits, labels, *, sft=None, span_i
                train_band: bool = False, correction_labels=None) -> dict[str, LossTerm]:
     """The terms whose weight is > 0: `sft` (on `sft = (logits, labels)` when the SFT sequence is the dataset's and
     not the distillation sequence), `dac_kl` (and `band`, see `dac_kl_terms`), `span` (shifted `span_ids`) and
-    `correction` (shifted `correction_labels`, on an on-policy batch: the forward KL to the whole, unclipped teacher at
-    each position SCRG corrected; measured against a cross-entropy on the teacher's token, which lowered `sort`)."""
+    `correction` (shifted `correction_labels`, on an on-policy batch: `scrg_correction_divergence`, forward KL by
+    default, to the whole, unclipped teacher at each position SCRG corrected; measured against a cross-entropy on the
+    teacher's token, which lowered `sort`)."""
     terms: dict[str, LossTerm] = {}
     if args.scrg_correction_weight > 0 and correction_labels is not None:
         term = chunked_dac_kl_loss(student_logits, teacher_logits, correction_labels, lo=0.0, hi=1.0,
