@@ -48,11 +48,12 @@ class MGSRConfig(GKDConfig):
     span_weight (`float`, defaults to `0.1`): weight of the span term (by the lab: at 1.0 it lowered the student,
         0.27 against 0.32 without it; at 0.1 it is level with no span term).
     scrg_correction_weight (`float`, defaults to `0.3`): weight of an extra term on the positions SCRG corrected
-        (the student's own mistakes, on its own prefix): the forward KL to the whole teacher distribution there,
-        averaged over the corrections (no term when SCRG is off or corrects nothing). Not in the paper: chosen by
-        the lab (3 seeds, GKD in the same run), where 0.3 brings `walk` (24 tokens, one mistake spoils it) from 0.11
-        to 0.14, above SFT's 0.13 (fully on-policy 0.16 against 0.11), at the same mean (0.34; fully on-policy
-        0.35), `sort` 0.20 against 0.21 and `pick` 0.68 against 0.70; 1.0 lowers the mean (0.32).
+        (the student's own mistakes, on its own prefix): the forward KL (`scrg_correction_divergence`) to the whole
+        teacher distribution there, averaged over the corrections (no term when SCRG is off or corrects nothing).
+        Not in the paper: chosen by the lab (3 seeds, GKD in the same run), where 0.3 brings `walk` (24 tokens,
+        one mistake spoils it) from 0.11 to 0.14, above SFT's 0.13 (fully on-policy 0.16 against 0.11), at the
+        same mean (0.34; fully on-policy 0.35), `sort` 0.20 against 0.21 and `pick` 0.68 against 0.70; 1.0 lowers
+        the mean (0.32).
         Dolly ROUGE-L (2 training seeds): 5.42 against 5.47 without it (GKD 5.59), within the seeds' spread.
     scrg_correction_divergence (`str`, defaults to `"forward"`): that term's divergence, one of `dac_divergence`'s
         choices (`jsd`/skews take `dac_beta`/`dac_skew`). Lab: reverse KL and JSD score the same as forward KL (0.34).
@@ -178,9 +179,9 @@ class MGSRConfig(GKDConfig):
     # SCRG
     scrg_correction_weight: float = field(
         default=0.3,
-        metadata={"help": "Weight of the forward KL to the teacher at each SCRG-corrected position (the student's "
-                          "own mistakes, on its own prefix), averaged over the corrections; 0 turns it off (0.3: "
-                          "chosen by the lab)."},
+        metadata={"help": "Weight of the divergence to the teacher (scrg_correction_divergence, forward KL by "
+                          "default) at each SCRG-corrected position (the student's own mistakes, on its own prefix), "
+                          "averaged over the corrections; 0 turns it off (0.3: chosen by the lab)."},
     )
     scrg_correction_divergence: str = field(
         default="forward",
