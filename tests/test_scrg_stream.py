@@ -15,7 +15,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from trl_mgsr.data import position_ids_from_mask
 from trl_mgsr.scrg import SCRGSettings, completion_from_generate, scrg_revise
-from trl_mgsr.scrg_stream import _selectable, stream_scrg, streamable
+from trl_mgsr.scrg_stream import _selectable, sample_tokens, stream_scrg, streamable
 from trl_mgsr.testing import build_pair, build_tokenizer
 
 N = 12
@@ -116,6 +116,23 @@ def test_deterministic_student_matches_the_reference_with_absolute_positions():
     new = stream_scrg(student, teacher, pid, pm, rounds=2, block_size=4, **kw)
     assert ref.corrected.any()
     assert_same_revision(new, ref, teacher, pid, pm)
+
+
+def test_sample_tokens_draws_from_each_row(monkeypatch):
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.0, 0.25, 0.25, 0.5, 0.0]])
+    torch.manual_seed(0)
+    n = 20000
+    drawn = torch.stack([sample_tokens(probs) for _ in range(n)], dim=1)  # [3, n]
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in drawn]).float() / n
+    assert (freq[probs == 0] == 0).all()  # a token of probability 0 never comes
+    assert torch.allclose(freq, probs, atol=4 * math.sqrt(0.25 / n))  # 4 binomial std at most
+    # the ends of the uniform's range (0, and 1 as rounding can make it) land on tokens of positive probability
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)
+    assert sample_tokens(probs).tolist() == [0, 4, 1]
+    monkeypatch.setattr(torch, "rand_like", torch.ones_like)
+    assert sample_tokens(probs).tolist() == [3, 4, 3]
 
 
 def test_sampled_rows_keep_scrg_invariants(setup):

@@ -229,18 +229,21 @@ def kept_teacher_logits(kept: torch.Tensor, valid: torch.Tensor, prompt_width: i
 
 @contextmanager
 def _eval_mode(*models) -> Iterator[None]:
-    """Put `models` in eval mode and restore every submodule's own `training` flag afterwards."""
-    saved = []
+    """Put `models` in eval mode and restore every submodule's own `training` flag afterwards (only the modules
+    that were training are touched: a model already in eval mode, like the teacher, costs one pass over it)."""
+    training = []
     for model in models:
         if model is None:
             continue
-        saved.extend((m, m.training) for m in model.modules())
-        model.eval()
+        modules = [m for m in model.modules() if m.training]
+        if modules:
+            model.eval()
+            training.extend(modules)
     try:
         yield
     finally:
-        for module, was_training in saved:
-            module.training = was_training
+        for module in training:
+            module.training = True
 
 
 def lm_logits(model, logits_to_keep: int, **kwargs) -> torch.Tensor:

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import (
-    LogitsProcessorList,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -57,7 +56,7 @@ from transformers.generation import (
 from .data import position_ids_from_mask
 from .scrg import SCRGResult, SCRGSettings, _differences, _eos_tensor, _eval_mode, lm_logits
 
-__all__ = ["stream_scrg", "streamable"]
+__all__ = ["sample_tokens", "stream_scrg", "streamable"]
 
 # Student tokens of the first block; blocks then double up to `block_size`. SCRG's errors come early in a sample (the
 # lab: mean position 0.4-0.7), where a short block wastes few steps; later blocks save teacher forwards.
@@ -84,8 +83,10 @@ def streamable(settings: SCRGSettings) -> bool:
     return all(getattr(config, name, None) in (None, neutral) for name, neutral in _NEUTRAL.items())
 
 
-def _processors(config, device) -> LogitsProcessorList:
-    processors = LogitsProcessorList()
+def _processors(config, device) -> list:
+    """The logits warpers `generate` would apply for `config`, in its order; called one by one (a
+    `LogitsProcessorList` inspects every processor's signature on every call)."""
+    processors = []
     if config.suppress_tokens:
         processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens, device=device))
     if config.temperature is not None and config.temperature != 1.0:
@@ -95,6 +96,18 @@ def _processors(config, device) -> LogitsProcessorList:
     if config.top_p is not None and config.top_p < 1.0:
         processors.append(TopPLogitsWarper(config.top_p))
     return processors
+
+
+def sample_tokens(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` `[B, V]` (rows summing to 1, up to rounding), drawn by inverting each row's CDF
+    with one uniform number from the global RNG: the distribution of `torch.multinomial(probs, 1)`, which on CPU
+    draws a random number per vocabulary entry (0.45 ms a step at V=320, 42 ms at V=32k, against 0.08 and 1.7 ms
+    here). A token of probability 0 is never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # u < total, so the first index whose CDF exceeds u exists and its CDF step (its probability) is positive
+    u = (torch.rand_like(total) * total).minimum(total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 def _cache_argument(model) -> str:
@@ -240,8 +253,10 @@ def stream_scrg(student, teacher, prompt_ids: torch.Tensor, prompt_mask: torch.T
     teacher_read = 0  # slots the teacher has read
 
     def draw(logits: torch.Tensor) -> torch.Tensor:
-        scores = sample_from(s.ids, logits.float())
-        return torch.multinomial(F.softmax(scores, dim=-1), 1).squeeze(1)
+        scores = logits.float()
+        for warp in sample_from:
+            scores = warp(s.ids, scores)
+        return sample_tokens(F.softmax(scores, dim=-1))
 
     def student_step(first: bool) -> None:
         live = ~s.stopped
