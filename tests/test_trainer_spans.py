@@ -23,11 +23,25 @@ def first_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
-def test_collator_gives_span_ids_of_the_completion_only(tokenizer, tmp_path):
-    batch = first_batch(make(tokenizer, tmp_path))
+def dataset_step(trainer):
+    """The first batch prepared as a step that trains on the dataset's sequence."""
+    trainer.args.lmbda = 0.0
+    return trainer.prepare_distillation_batch(first_batch(trainer))
+
+
+def test_dataset_steps_get_span_ids_of_the_completion_only(tokenizer, tmp_path):
+    trainer = make(tokenizer, tmp_path)
+    assert "span_ids" not in first_batch(trainer)  # no DataLoader workers: left to the step that needs them
+    batch = dataset_step(trainer)
     completion = batch["labels"] != -100
     assert (batch["span_ids"][~completion] == -1).all()
     assert (batch["span_ids"][completion] >= 0).any()
+    # with workers the collator computes them, off the main process, and the step keeps them
+    workers = make(tokenizer, tmp_path / "workers", dataloader_num_workers=1)
+    collated = workers.data_collator(toy_rows(2))
+    expected = span_ids_from_tokens(tokenizer, collated["input_ids"], collated["labels"] != -100,
+                                    workers.span_extractor)
+    assert torch.equal(collated["span_ids"], expected)
 
 
 def test_span_ids_are_recomputed_for_the_generated_sequence(tokenizer, tmp_path):
@@ -47,7 +61,7 @@ def test_custom_callable_extractor_is_used(tokenizer, tmp_path):
         return [(0, len(text))]
 
     trainer = make(tokenizer, tmp_path, extractor=whole_text)
-    batch = first_batch(trainer)
+    batch = dataset_step(trainer)
     assert calls
     for row in range(batch["span_ids"].shape[0]):  # one span per completion (the eos token is never in a span)
         ids = batch["span_ids"][row][batch["span_ids"][row] >= 0]
@@ -75,7 +89,7 @@ def test_span_term_is_logged_and_off_when_weight_zero(tokenizer, tmp_path):
     logged = {k for e in trainer.state.log_history for k in e}
     assert {"mgsr/span", "mgsr/spans_per_seq", "mgsr/span_items"} <= logged
     off = make(tokenizer, tmp_path / "off", span_weight=0.0)
-    assert off.span_extractor is None and "span_ids" not in first_batch(off)
+    assert off.span_extractor is None and "span_ids" not in dataset_step(off)
 
 
 def test_replayed_batches_bring_their_own_span_ids(tokenizer, tmp_path):

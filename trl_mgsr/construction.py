@@ -189,11 +189,15 @@ def check_arguments(model, teacher_model, args: MGSRConfig, train_dataset, eval_
 
 
 def default_collator(args: MGSRConfig, tokenizer, span_extractor) -> MGSRDataCollator:
+    """The dataset sequence's span ids are used only by the steps that train on it (an on-policy step replaces the
+    sequence): DataLoader workers compute them off the main process (free); without workers the collator leaves
+    them to `prepare_distillation_batch`, which computes them for the step's own sequence."""
+    in_workers = span_extractor is not None and args.dataloader_num_workers > 0
     return MGSRDataCollator(
         tokenizer,
         max_length=args.max_length,
         # a partial, not a bound trainer method: DataLoader workers would pickle the whole trainer with it
-        span_fn=functools.partial(span_ids_from_tokens, extractor=span_extractor) if span_extractor else None,
+        span_fn=functools.partial(span_ids_from_tokens, extractor=span_extractor) if in_workers else None,
     )
 
 

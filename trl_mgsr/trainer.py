@@ -358,7 +358,7 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
         if self.args.sft_weight > 0 and "sft_input_ids" in inputs:  # the dataset's completion, not the sequence's
             sft_logits = self._forward(model, inputs["sft_input_ids"], inputs["sft_attention_mask"]).logits
             sft = sft_logits[..., :vocab], shift_left(inputs["sft_labels"], IGNORE_INDEX)
-        if self.args.span_weight > 0 and "span_ids" not in inputs:  # a user collator without spans
+        if self.args.span_weight > 0 and "span_ids" not in inputs:  # evaluation, or a collator without them
             inputs["span_ids"] = self.span_ids(self.processing_class, inputs["input_ids"], inputs["labels"] != -100)
         terms = objective.loss_terms(
             self.args, student_logits, teacher_logits, labels, sft=sft,
