@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, spec = variant.partition("=")
         trainer, _, config = spec.partition(":")
         METHODS[name] = Method(trainer, json.loads(config or "{}"))
-    names = (args.methods or list(METHODS)) + [v.partition("=")[0] for v in args.variant if args.methods]
+    names = list(dict.fromkeys((args.methods or list(METHODS)) + [v.partition("=")[0] for v in args.variant]))
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
