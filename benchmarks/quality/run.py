@@ -620,14 +620,17 @@ def main(argv: list[str] | None = None) -> int:
     lr = assets["learning_rate"]
     # A job's cache key: every setting except which methods get repeated with other seeds (that changes no job).
     job_settings = {k: v for k, v in asdict(s).items() if k not in ("repeat_methods", "repeat_seeds")}
-    # The library's MGSR defaults are part of every job (a changed default must not reuse an old result).
+    run_key = settings_key({"settings": job_settings, "assets": assets["key"], "lr": lr})
+    # The library's MGSR defaults are part of every MGSR job (a changed default must not reuse an old result);
+    # SFT and GKD runs do not read them, so they stay cached across a change of MGSR's defaults.
     from trl_mgsr import MGSRConfig
 
     defaults = {f.name: repr(f.default) for f in fields(MGSRConfig) if f.default is not MISSING}
-    run_key = settings_key({"settings": job_settings, "assets": assets["key"], "lr": lr, "mgsr_defaults": defaults})
 
     def job_key(name: str) -> str:
-        return settings_key({"run": run_key, "method": METHODS.get(parse_label(name, s)[0])})
+        method = METHODS.get(parse_label(name, s)[0])
+        mgsr = method is not None and method[0] == "mgsr"
+        return settings_key({"run": run_key, "method": method, "mgsr_defaults": defaults if mgsr else None})
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
 
