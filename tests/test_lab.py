@@ -139,6 +139,8 @@ def test_quick_lab_run(tmp_path):
     assert "mgsr/scrg_corrected_frac" not in payload["results"]["MGSR w/o SCRG"]["logged_mean"]
     assert "mgsr/span" not in payload["results"]["MGSR w/o span"]["logged_mean"]
     table = (out / "results.md").read_text()
-    assert "| MGSR w/o SFT |" in table and "time / GKD" in table
+    assert "| MGSR + SFT term |" in table and "time / GKD" in table
+    assert "mgsr/sft" in payload["results"]["MGSR + SFT term"]["logged_mean"]
+    assert "mgsr/sft" not in payload["results"]["MGSR"]["logged_mean"]  # off by default
     pytest.importorskip("matplotlib")
     assert (out / "lab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -49,7 +49,7 @@ def test_quick_benchmark(tmp_path):
         if name not in ("teacher", "student init"):
             assert r["train_seconds"] > 0 and r["loss_curve"]
     mgsr = results["results"]["MGSR"]["mgsr_metrics_mean"]
-    assert {"mgsr/sft", "mgsr/dac_kl", "mgsr/span"} <= set(mgsr)
+    assert {"mgsr/dac_kl", "mgsr/span"} <= set(mgsr) and "mgsr/sft" not in mgsr  # SFT term off by default
     assert "mgsr/span" not in results["results"]["MGSR w/o span"]["mgsr_metrics_mean"]
     forward_kl = results["results"]["MGSR w/o DAC-KL (forward KL)"]["mgsr_metrics_mean"]
     assert forward_kl["mgsr/dac_kl_lo"] == 0.0 and forward_kl["mgsr/dac_kl_hi"] == 1.0  # the band [0, 1]

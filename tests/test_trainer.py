@@ -55,7 +55,7 @@ def test_coin_follows_lmbda_and_seq_kd(tokenizer, tmp_path):
 
 
 def test_on_policy_step_keeps_ground_truth_for_sft(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0)
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, sft_weight=1.0)
     trainer.model_wrapped = trainer.model
     batch = first_batch(trainer)
     original = {k: batch[k].clone() for k in ("input_ids", "attention_mask", "labels")}
@@ -77,7 +77,7 @@ def test_off_policy_step_adds_no_sft_copy(tokenizer, tmp_path):
 
 
 def test_sft_term_uses_ground_truth_on_policy(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, dac_weight=0.0, span_weight=0.0,
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, sft_weight=1.0, dac_weight=0.0, span_weight=0.0,
                            scrg_correction_weight=0.0)
     trainer.model_wrapped = trainer.model
     batch = trainer.prepare_distillation_batch(first_batch(trainer))
@@ -183,7 +183,7 @@ def test_zero_weight_terms_are_not_computed(tokenizer, tmp_path):
 
 
 def test_window_counts_sum_micro_batches(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0)
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0, sft_weight=1.0)
     batches = [first_batch(trainer), first_batch(trainer)]
     counts = trainer.count_items(batches)
     per_batch = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)

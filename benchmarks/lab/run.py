@@ -46,7 +46,7 @@ METHODS: dict[str, Method] = {
     "MGSR w/o SCRG": Method("mgsr", {"scrg_rounds": 0}),
     "MGSR fixed band": Method("mgsr", {"dac_mode": "fixed"}),
     "MGSR w/o span": Method("mgsr", {"span_weight": 0.0}),
-    "MGSR w/o SFT": Method("mgsr", {"sft_weight": 0.0}),
+    "MGSR + SFT term": Method("mgsr", {"sft_weight": 1.0}),  # the default before the SFT term went off
     "MGSR w/o correction": Method("mgsr", {"scrg_correction_weight": 0.0}),
     "MGSR adaptive schedule": Method("mgsr", {"schedule": "adaptive"}),
 }
