@@ -118,7 +118,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "MGSR w/o span": ("mgsr", {"span_weight": 0.0}),
     "MGSR adaptive schedule": ("mgsr", {"schedule": "adaptive"}),
     # The SFT term on top (DESIGN.md's first objective; off by default since this benchmark's run with dac_hi 0.75,
-    # where MGSR scored 6.50 without it against 5.80 with it, GKD 5.59).
+    # where MGSR scored 6.50 without it against 5.79 with it, GKD 5.59).
     "MGSR + SFT term": ("mgsr", {"sft_weight": 1.0}),
     # SCRG's cheaper continuation (no re-generation), the default for a while: lower ROUGE-L here (README).
     "MGSR stop": ("mgsr", {"scrg_continuation": "stop"}),
