@@ -72,7 +72,7 @@ def test_diverging_student_stops_before_its_next_optimizer_step(tokenizer, tmp_p
     """lr=1e30: step 0 is finite but writes weights ~1e30; step 1's student logits overflow."""
     student, teacher = build_pair(tokenizer)
     trainer = make_trainer(tokenizer, tmp_path, student, teacher, lmbda=0.0, learning_rate=1e30, max_steps=3)
-    with pytest.raises(NonFiniteError, match=r"the student's logits are non-finite .* global step 1, term\(s\) sft"):
+    with pytest.raises(NonFiniteError, match=r"the student's logits are non-finite .* global step 1, term\(s\) dac_kl"):
         trainer.train()
     assert trainer.state.global_step == 1
     assert all(torch.isfinite(p).all() for p in student.parameters())  # step 1 did not write its NaN update
@@ -98,7 +98,8 @@ def test_non_finite_gradients_stop_before_the_optimizer_step(tokenizer, tmp_path
 def test_first_batch_checks_logits_in_full(tokenizer, tmp_path, monkeypatch):
     """A NaN the loss does not see (here: the teacher's logit of an id outside the labels) is still reported."""
     student, teacher = build_pair(tokenizer)
-    trainer = make_trainer(tokenizer, tmp_path, student, teacher, lmbda=0.0, dac_weight=0.0, span_weight=0.0)
+    trainer = make_trainer(tokenizer, tmp_path, student, teacher, lmbda=0.0, sft_weight=1.0, dac_weight=0.0,
+                           span_weight=0.0)
     real_forward = trainer._forward
 
     def forward(model, input_ids, attention_mask):

@@ -7,9 +7,10 @@ from trl_mgsr.model_card import objective, sequences
 
 def test_objective_names_each_terms_formulation_and_leaves_out_zero_weights(tmp_path):
     args = tiny_args(MGSRConfig, tmp_path)
-    assert objective(args) == ("1 · SFT + 1 · DAC-KL (reverse divergence to the teacher clipped to a learned band) "
+    assert objective(args) == ("1 · DAC-KL (reverse divergence to the teacher clipped to a learned band) "
                                "+ 0.1 · span (loglik) + 0.3 · forward divergence to the whole teacher at the "
-                               "SCRG-corrected tokens")
+                               "SCRG-corrected tokens")  # the SFT term is off by default
+    assert objective(tiny_args(MGSRConfig, tmp_path, sft_weight=1.0)).startswith("1 · SFT + 1 · DAC-KL (reverse")
     args = tiny_args(MGSRConfig, tmp_path, scrg_correction_divergence="reverse")
     assert objective(args).endswith("0.3 · reverse divergence to the whole teacher at the SCRG-corrected tokens")
     args = tiny_args(MGSRConfig, tmp_path, sft_weight=0.0, span_weight=0.0, scrg_correction_weight=0.0,
