@@ -8,13 +8,14 @@ import os
 import sys
 import tempfile
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it
 
-from trl_mgsr.lab.models import ModelSettings
-from trl_mgsr.lab.runner import Budget, Method, distill, prepare_models
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+from trl_mgsr.lab.models import ModelSettings  # noqa: E402
+from trl_mgsr.lab.runner import Budget, Method, distill, prepare_models  # noqa: E402
+
 torch.set_num_threads(1)
 trainer_name = sys.argv[1] if len(sys.argv) > 1 else "mgsr"
 config = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
