@@ -30,6 +30,7 @@ BASE = dict(bf16=False, use_cpu=True, report_to="none")
         ("dac_sharpness", 0.0),
         ("dac_student_support", "some"),
         ("dac_divergence", "both"),
+        ("dac_rescue_weight", -1.0),
         ("dac_temperature", -1.0),
         ("dac_features", 0),
         ("dac_hidden_size", 0),
@@ -72,6 +73,12 @@ def test_band_narrower_than_min_width_is_rejected():
 def test_all_weights_zero_is_rejected():
     with pytest.raises(ValueError, match="sft_weight, dac_weight and span_weight.*scrg_correction_weight alone"):
         MGSRConfig("out", **BASE, sft_weight=0.0, dac_weight=0.0, span_weight=0.0, scrg_correction_weight=1.0)
+
+
+def test_rescue_needs_the_full_student_support():
+    with pytest.raises(ValueError, match=r"dac_rescue_weight must be 0 with dac_student_support='band'"):
+        MGSRConfig("out", **BASE, dac_student_support="band", dac_rescue_weight=1.0)
+    assert MGSRConfig("out", **BASE, dac_student_support="band").dac_rescue_weight == 0.0
 
 
 def test_correction_divergence_is_checked():

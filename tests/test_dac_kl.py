@@ -599,3 +599,94 @@ def test_both_band_edges_move_when_the_data_calls_for_it():
     teacher.scatter_(1, top[:, 1:2], 3.6)
     _, lo, hi = _train_with_band(teacher, top[:, 1], "label")
     assert lo > 0.2 and hi < 0.94  # started at (0.0, 0.95) up to the init clamp
+
+
+# --------------------------------------------------------------------------- rescue (dac_rescue_weight)
+
+
+def test_rescue_matches_its_definition():
+    """rescue r: per position, the divergence + r (1 - sum_i m_i q_i) KL(p~ || q), the weight held constant."""
+    student, teacher, labels = make_batch()
+    valid = labels != -100
+    n, lo, hi, s, r = int(valid.sum()), 0.1, 0.8, 50.0, 3.0
+    pt, m = clipped_teacher(teacher[valid], torch.full((n,), lo, dtype=torch.float64),
+                            torch.full((n,), hi, dtype=torch.float64), s)
+    q = torch.softmax(student[valid].double(), -1)
+    outside = 1 - (m * q).sum(-1)
+    for divergence, base in (("reverse", _kl64(q, pt)), ("forward", _kl64(pt, q))):
+        expected = base + r * outside * _kl64(pt, q)
+        for fn in (dac_kl_loss, chunked_dac_kl_loss):
+            term = fn(student, teacher, labels, lo=lo, hi=hi, sharpness=s, divergence=divergence, rescue=r)
+            torch.testing.assert_close(term.total.double(), expected.sum(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("divergence,top_k,band", [
+    ("reverse", None, "learned"), ("reverse", 12, "learned"), ("forward", None, "learned"),
+    ("reverse", None, (0.0, 0.75)), ("forward", 12, (0.1, 0.8)), ("skew_reverse", None, "learned")])
+def test_rescue_chunked_matches_reference(divergence, top_k, band):
+    """The closed-form path (forward, reverse) and the autograd one give the reference's loss and gradients,
+    student and band sub-network (whose gradient the rescue's forward KL reaches through p~)."""
+    student, teacher, labels = make_batch()
+    net = perturbed_net() if band == "learned" else None
+    kw = dict(divergence=divergence, top_k=top_k, temperature=1.5, rescue=5.0,
+              **(dict(band_net=net) if net else dict(lo=band[0], hi=band[1])))
+    params = list(net.parameters()) if net else []
+    ref = dac_kl_loss(student, teacher, labels, **kw)
+    g_ref = grads(ref, student, *params)
+    for chunk in (1, 7, 100):
+        out = chunked_dac_kl_loss(student, teacher, labels, chunk_size=chunk, **kw)
+        torch.testing.assert_close(out.total, ref.total, atol=1e-4, rtol=1e-5)
+        for a, b in zip(grads(out, student, *params), g_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [dac_kl_loss, chunked_dac_kl_loss])
+def test_rescue_pulls_a_confidently_wrong_student_where_reverse_kl_does_not(fn):
+    """Teacher sure of token 0, student sure of token 3: reverse KL is large there but its gradient vanishes
+    (`-q (D + L)` is 0 on the student's token and ~0 elsewhere); the rescue's gradient raises token 0 by about
+    r (1 - q_0). Where the student already sits in the band the rescue adds ~nothing."""
+    V, r = 10, 5.0
+    teacher = torch.full((2, V), -8.0)
+    teacher[:, 0] = 8.0
+    student = torch.zeros(2, V)
+    student[0, 3] = 12.0  # confidently wrong
+    student[1, 0] = 12.0  # confidently right
+    student.requires_grad_()
+    labels = torch.zeros(2, dtype=torch.long)
+    kw = dict(lo=0.0, hi=0.75, divergence="reverse")
+    plain, rescued = fn(student, teacher, labels, **kw), fn(student, teacher, labels, rescue=r, **kw)
+    (g_plain,), (g_rescued,) = grads(plain, student), grads(rescued, student)
+    assert plain.total > 10  # far from the teacher ...
+    assert g_plain.abs().max() < 1e-3  # ... and no gradient to leave
+    assert -g_rescued[0, 0] > 0.9 * r  # descent raises the teacher's token
+    torch.testing.assert_close(g_rescued[1], g_plain[1], atol=1e-4, rtol=0)
+
+
+def test_rescue_needs_full_support_and_a_non_negative_weight():
+    student, teacher, labels = make_batch()
+    for bad in (dict(rescue=-1.0), dict(rescue=1.0, student_support="band")):
+        with pytest.raises(ValueError, match="rescue"):
+            dac_kl_loss(student, teacher, labels, **bad)
+
+
+def test_rescue_brings_a_confidently_wrong_student_to_the_teacher_by_gradient_descent():
+    """Student logits trained by plain gradient descent from a confident wrong token: with the reverse KL alone they
+    stay on the plateau; with the rescue they reach the teacher's token (and the loss there is the reverse KL's 0)."""
+    V = 10
+    teacher = torch.full((4, V), -6.0)
+    teacher[:, 0] = 6.0
+    labels = torch.zeros(4, dtype=torch.long)
+    finals = {}
+    for rescue in (0.0, 5.0):
+        student = torch.zeros(4, V)
+        student[:, 3] = 12.0
+        student.requires_grad_()
+        opt = torch.optim.SGD([student], lr=1.0)
+        for _ in range(100):
+            opt.zero_grad()
+            chunked_dac_kl_loss(student, teacher, labels, lo=0.0, hi=0.75, divergence="reverse",
+                                rescue=rescue).total.backward()
+            opt.step()
+        finals[rescue] = student.detach().softmax(-1)[:, 0]
+    assert (finals[0.0] < 0.01).all()
+    assert (finals[5.0] > 0.95).all()

@@ -76,6 +76,19 @@ def test_off_policy_step_adds_no_sft_copy(tokenizer, tmp_path):
     assert "sft_input_ids" not in prepared and prepared["mgsr_on_policy"].item() == 0.0
 
 
+def test_rescue_applies_to_the_datasets_sequences_only(tokenizer, tmp_path):
+    """dac_rescue_weight changes the loss of a dataset batch and not of the same batch marked as the student's."""
+    trainer = make_trainer(tokenizer, tmp_path, lmbda=0.0, span_weight=0.0, dac_rescue_weight=10.0)
+    batch = trainer.prepare_distillation_batch(first_batch(trainer))
+
+    def loss(rescue, on_policy):
+        trainer.args.dac_rescue_weight = rescue
+        return trainer.compute_loss(trainer.model, {**batch, "mgsr_on_policy": torch.tensor(float(on_policy))})
+
+    assert loss(10.0, False) > loss(0.0, False) + 1e-3
+    torch.testing.assert_close(loss(10.0, True), loss(0.0, True))
+
+
 def test_sft_term_uses_ground_truth_on_policy(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, lmbda=1.0, sft_weight=1.0, dac_weight=0.0, span_weight=0.0,
                            scrg_correction_weight=0.0)

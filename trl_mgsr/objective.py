@@ -28,9 +28,10 @@ def shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
 
 
 def loss_terms(args, student_logits, teacher_logits, labels, *, sft=None, span_ids=None, band_net=None,
-               train_band: bool = False, correction_labels=None) -> dict[str, LossTerm]:
+               train_band: bool = False, correction_labels=None, on_policy: bool) -> dict[str, LossTerm]:
     """The terms whose weight is > 0: `sft` (on `sft = (logits, labels)` when the SFT sequence is the dataset's and
-    not the distillation sequence), `dac_kl` (and `band`, see `dac_kl_terms`), `span` (shifted `span_ids`) and
+    not the distillation sequence), `dac_kl` (and `band`, see `dac_kl_terms`; `on_policy`: the sequence is the
+    student's sample, so DAC-KL leaves out its rescue), `span` (shifted `span_ids`) and
     `correction` (shifted `correction_labels`, on an on-policy batch: `scrg_correction_divergence`, forward KL by
     default, to the whole, unclipped teacher at each position SCRG corrected; measured against a cross-entropy on the
     teacher's token, which lowered `sort`)."""
@@ -45,7 +46,7 @@ def loss_terms(args, student_logits, teacher_logits, labels, *, sft=None, span_i
         sft_logits, sft_labels = sft if sft is not None else (student_logits, labels)
         terms["sft"] = chunked_sft_loss(sft_logits, sft_labels, chunk_size=args.loss_chunk_size)
     if args.dac_weight > 0:
-        terms.update(dac_kl_terms(args, student_logits, teacher_logits, labels, band_net, train_band))
+        terms.update(dac_kl_terms(args, student_logits, teacher_logits, labels, band_net, train_band, on_policy))
     if args.span_weight > 0:
         if args.span_objective == "loglik":
             terms["span"] = span_loglik_loss(student_logits, teacher_logits, labels, span_ids,
@@ -56,9 +57,10 @@ def loss_terms(args, student_logits, teacher_logits, labels, *, sft=None, span_i
     return terms
 
 
-def dac_kl_terms(args, student_logits, teacher_logits, labels, band_net, train_band: bool) -> dict[str, LossTerm]:
+def dac_kl_terms(args, student_logits, teacher_logits, labels, band_net, train_band: bool,
+                 on_policy: bool) -> dict[str, LossTerm]:
     """The token-level term: chunked DAC-KL with the learned band (or the fixed band `(dac_lo, dac_hi)` when
-    `band_net` is None).
+    `band_net` is None), and its rescue (`dac_rescue_weight`) unless the sequence is the student's (`on_policy`).
 
     With `dac_band_objective="label"` the divergence sees the band detached (it trains the student only) and, when
     `train_band` (the labels are the data's), a "band" term trains the sub-network on `band_label_loss`. With
@@ -68,6 +70,7 @@ def dac_kl_terms(args, student_logits, teacher_logits, labels, band_net, train_b
     kwargs = dict(
         lo=a.dac_lo, hi=a.dac_hi, min_width=a.dac_min_width, sharpness=a.dac_sharpness,
         student_support=a.dac_student_support, divergence=a.dac_divergence, temperature=a.dac_temperature,
+        rescue=0.0 if on_policy else a.dac_rescue_weight,
         num_features=a.dac_features, top_k=a.dac_top_k, beta=a.dac_beta, skew=a.dac_skew,
         chunk_size=a.loss_chunk_size,
     )

@@ -366,6 +366,7 @@ class MGSRTrainer(MGSRCheckpointing, GKDTrainer):
             band_net=self.dac_band_net, train_band=self._trains_band(inputs),
             correction_labels=shift_left(inputs["mgsr_correction_labels"], IGNORE_INDEX)
             if "mgsr_correction_labels" in inputs else None,
+            on_policy=bool(inputs.get("mgsr_on_policy", 0) or inputs.get("mgsr_replay", 0)),  # the student's sample
         )
         global_counts = isinstance(num_items_in_batch, dict)
         loss = objective.weighted_loss(self.args, terms, num_items_in_batch if global_counts else None,

@@ -48,6 +48,7 @@ METHODS: dict[str, Method] = {
     "MGSR w/o span": Method("mgsr", {"span_weight": 0.0}),
     "MGSR + SFT term": Method("mgsr", {"sft_weight": 1.0}),  # the default before the SFT term went off
     "MGSR w/o correction": Method("mgsr", {"scrg_correction_weight": 0.0}),
+    "MGSR + rescue": Method("mgsr", {"dac_rescue_weight": 10.0}),
     "MGSR adaptive schedule": Method("mgsr", {"schedule": "adaptive"}),
 }
 REFERENCE = "GKD"  # time ratios are to this method, measured in the same run

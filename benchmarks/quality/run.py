@@ -87,7 +87,7 @@ class Settings:
     train_seed: int = 42
     # training-seed noise floor: these methods are trained again with each of these seeds (same everything else)
     repeat_methods: tuple[str, ...] = ("SFT", "GKD", "MGSR", "MGSR + SFT term", "MGSR stop",
-                                       "MGSR w/o correction")
+                                       "MGSR w/o correction", "MGSR + rescue")
     repeat_seeds: tuple[int, ...] = (43,)
     eval_every: int = 20  # adaptive schedule: evaluation loss on `adaptive_eval_rows` dev rows every N steps
     adaptive_eval_rows: int = 64
@@ -120,6 +120,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     # The SFT term on top (DESIGN.md's first objective; off by default since this benchmark's run with dac_hi 0.75,
     # where MGSR scored 6.50 without it against 5.79 with it, GKD 5.59).
     "MGSR + SFT term": ("mgsr", {"sft_weight": 1.0}),
+    "MGSR + rescue": ("mgsr", {"dac_rescue_weight": 10.0}),
     # SCRG's cheaper continuation (no re-generation), the default for a while: lower ROUGE-L here (README).
     "MGSR stop": ("mgsr", {"scrg_continuation": "stop"}),
     # AKL's per-position mix of forward and reverse KL (dac_divergence="adaptive"): the lab's walk task up to SFT's

@@ -29,6 +29,13 @@ Guarantees (tested): the kept teacher mass `sum(m * p)` is at least `∫_0^1 sig
 with `DACBandNet` it is at least `min_width - 2 ln(2) / s`; the loss is 0 when the student equals the clipped
 teacher (`"full"`) or the teacher (`"band"`).
 
+Rescue (`rescue = r > 0`, "full" support; MGSRConfig's `dac_rescue_weight`, on the dataset's sequences): per position
+`+ r * (1 - sum_i m_i q_i) * KL(p~ || q)`, the weight (the student's mass outside the band) held constant. The reverse
+KL's gradient w.r.t. the student's logits, `-q (D + L)` with `D = log p~ - log q`, vanishes as the student concentrates
+on any one token, a rejected one included (on a point mass at token j, `D_j + L = 0` and `q_i ~ 0` elsewhere): a
+position the student has confidently wrong is a plateau however large its loss. The forward KL's gradient `q - p~`
+does not vanish there, and its weight is ~0 wherever the student already keeps its mass in the band.
+
 `top_k`: only the teacher's top-k tokens are sorted; the other tokens share the mask of the interval `[c_k, 1]`.
 
 Every function follows the `LossTerm` contract: sums over valid positions (`labels != -100`) and their count.
@@ -123,8 +130,9 @@ class DACKLSettings:
     lo, hi: the fixed band (used when no band sub-network or explicit band is given; `min_width` only checks it).
     sharpness: slope `s` of the soft band edges. student_support: "full" or "band" (module docstring).
     divergence: one of `DIVERGENCES`; beta: JSD interpolation (in [0, 1]); skew: skew-KL mixing (in [0, 1)).
-    temperature: divides both models' logits. num_features: teacher probabilities fed to the band sub-network (a
-    given `band_net`'s own count wins). top_k: sort only the teacher's top-k tokens (None: the whole vocabulary).
+    temperature: divides both models' logits. rescue: weight `r` of the rescue (module docstring). num_features:
+    teacher probabilities fed to the band sub-network (a given `band_net`'s own count wins). top_k: sort only the
+    teacher's top-k tokens (None: the whole vocabulary).
     """
 
     lo: float = 0.0
@@ -138,6 +146,7 @@ class DACKLSettings:
     top_k: int | None = None
     beta: float = 0.5
     skew: float = 0.1
+    rescue: float = 0.0
 
     def __post_init__(self):
         if self.student_support not in STUDENT_SUPPORTS:
@@ -151,6 +160,8 @@ class DACKLSettings:
             raise ValueError(f"dac_kl_loss: beta must be in [0, 1] and skew in [0, 1), got {self.beta}, {self.skew}")
         if self.sharpness <= 0 or self.temperature <= 0:
             raise ValueError("dac_kl_loss: sharpness and temperature must be > 0")
+        if self.rescue < 0 or (self.rescue > 0 and self.student_support != "full"):
+            raise ValueError(f"dac_kl_loss: rescue must be >= 0, and 0 with student_support='band', got {self.rescue}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"dac_kl_loss: top_k must be None or >= 1, got {self.top_k}")
 
@@ -283,6 +294,8 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: DACKLSettings
     if opts.student_support == "full":
         lpt = lp if lm is None else (lm + lp).log_softmax(-1)
         loss = _divergence(lpt, lq, opts)
+        if opts.rescue > 0 and lm is not None:
+            loss = loss + opts.rescue * _outside_mass(lm, lq) * _kl(lpt, lq)
     else:
         a, b = (lp, lq) if opts.divergence == "forward" else (lq, lp)
         kept = a if lm is None else lm + a
@@ -291,6 +304,12 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: DACKLSettings
             ra, rb = (l1m + a).logsumexp(-1), (l1m + b).logsumexp(-1)
             loss = loss + ra.exp() * (ra - rb)
     return loss, kept_tokens, kept_mass
+
+
+def _outside_mass(lm: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """`[n]`, detached: the student's mass outside the band, `1 - sum_i m_i q_i` (log mask, log student `[n, V]`)."""
+    with torch.no_grad():
+        return (1 - (lm + lq).logsumexp(-1).exp()).clamp_min(0)
 
 
 def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -372,6 +391,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
     With `A = log m + log p`, `P = softmax(A)` (= p~) and `D = log P - log q`:
     forward `L = sum P D`, dL/dA = P (D - L), dL/dz = (q - P) / T;
     reverse `L = -sum q D`, dL/dA = P - q, dL/dz = -q (D + L) / T;
+    the rescue adds `w L_f` per row (`L_f` the forward KL, `w = rescue * (1 - sum_i m_i q_i)` held constant);
     dL/dlo = sum_i dL/dA_i * (-s sigmoid(-xa_i)), dL/dhi = sum_i dL/dA_i * s sigmoid(-xb_i) (sorted tokens + tail).
     The normaliser `Z = sum m p` and the kept token count come from the sorted `[n, k]` tensors, and `log m - log Z`
     is added to `log p` in place, so no `[n, V]` log-sum-exp is needed beyond the two log-softmaxes.
@@ -380,7 +400,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
     log_pt = log_softmax32(t, opts.temperature)
     n = log_pt.shape[0]
     hard_lo, hard_hi = _is_hard(lo, 0.0), _is_hard(hi, 1.0)
-    idx = coefs = None
+    idx = coefs = rescue_idx = m_sorted = m_tail = None
     if hard_lo and hard_hi:
         kept_tokens, kept_mass = log_pt.new_full((n,), V), log_pt.new_ones(n)
     else:
@@ -396,12 +416,15 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
         if xa is not None and xb is not None:
             lm += F.logsigmoid(xb)
         mass, kept_tokens = rowdot(lm.exp(), ps), lm.exp().sum(-1)
+        if opts.rescue > 0:
+            rescue_idx, m_sorted = idx, lm.exp()
         del ps
         tail = None
         if k < V:
             tail = (None if hard_lo else (1 - _col(lo)) * s + torch.zeros_like(ck),
                     None if hard_hi else (_col(hi) - ck) * s)
             lm_tail = _log_mask(*tail)
+            m_tail = lm_tail.exp().squeeze(-1)
             mass = mass + lm_tail.exp().squeeze(-1) * (1 - ck.squeeze(-1)).clamp_min(0)
             kept_tokens = kept_tokens + (V - k) * lm_tail.exp().squeeze(-1)
         kept_mass = mass
@@ -419,19 +442,40 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
             idx = None
         del xa, xb, tail
     lq = log_softmax32(z, opts.temperature)
+    w = None if rescue_idx is None else opts.rescue * _outside_sorted(lq, rescue_idx, m_sorted, m_tail)
+    del rescue_idx, m_sorted, m_tail
     d = log_pt - lq  # D = log p~ - log q
     d.masked_fill_(torch.isneginf(log_pt if opts.divergence == "forward" else lq), 0.0)  # 0 log 0 = 0
     q, pt = lq.exp_(), log_pt.exp_()
     del lq, log_pt
     inv_t = 1.0 / opts.temperature
-    if opts.divergence == "forward":
+    if opts.divergence == "forward":  # the rescue scales the forward KL by 1 + w
         loss = rowdot(pt, d)
         g_a = d.sub_(loss[:, None]).mul_(pt) if idx is not None else None  # P (D - L)
         gz = q.sub_(pt) if need_z else None
+        if w is not None:
+            loss = loss * (1 + w)
+            for g in (g_a, gz):
+                if g is not None:
+                    g.mul_(1 + w[:, None])
     else:
+        extra_a = extra_z = None
+        if w is not None:  # the rescue's forward KL: w P (D_f - L_f) w.r.t. A, w (q - P) w.r.t. z
+            d_f = d.masked_fill(pt == 0, 0.0)
+            loss_f = rowdot(pt, d_f)
+            extra_z = (q - pt).mul_(w[:, None]) if need_z else None
+            extra_a = d_f.sub_(loss_f[:, None]).mul_(pt).mul_(w[:, None]) if idx is not None else None
+            del d_f
         loss = -rowdot(q, d)
         g_a = pt.sub_(q) if idx is not None else None  # P - q
         gz = d.add_(loss[:, None]).mul_(q).neg_() if need_z else None
+        if w is not None:
+            loss = loss + w * loss_f
+            if gz is not None:
+                gz.add_(extra_z)
+            if g_a is not None:
+                g_a.add_(extra_a)
+            del extra_a, extra_z
     if gz is not None and inv_t != 1.0:
         gz.mul_(inv_t)
     del q, pt, d
@@ -442,6 +486,15 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
         del g_a, idx
         glo, ghi = (_band_grad(g_sorted, g_tail, pair, edge) for pair, edge in zip(coefs, (lo, hi)))
     return loss.sum(), kept_tokens.sum(), kept_mass.sum(), gz, glo, ghi
+
+
+def _outside_sorted(lq, idx, m_sorted, m_tail) -> torch.Tensor:
+    """`[n]`: `1 - sum_i m_i q_i` from the sorted mask `[n, k]` (+ the tail's mask `[n]` for the other tokens)."""
+    q_sorted = lq.gather(1, idx).exp_()
+    kept = rowdot(m_sorted, q_sorted)
+    if m_tail is not None:
+        kept = kept + m_tail * (1 - q_sorted.sum(-1)).clamp_min(0)
+    return (1 - kept).clamp_min(0)
 
 
 def _band_grad(g_sorted, g_tail, coefs, edge):
