@@ -671,7 +671,7 @@ def test_rescue_needs_full_support_and_a_non_negative_weight():
 
 def test_rescue_brings_a_confidently_wrong_student_to_the_teacher_by_gradient_descent():
     """Student logits trained by plain gradient descent from a confident wrong token: with the reverse KL alone they
-    stay on the plateau; with the rescue they reach the teacher's token (and the loss there is the reverse KL's 0)."""
+    stay on the plateau; with the rescue they reach the teacher's token."""
     V = 10
     teacher = torch.full((4, V), -6.0)
     teacher[:, 0] = 6.0
