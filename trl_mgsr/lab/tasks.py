@@ -105,12 +105,16 @@ class WalkTask(Task):
         start, step = rng.randrange(26), rng.randint(1, self.max_step)
         return f"walk from {LETTERS[start]} by {step}", self._walk(start, step)
 
+    def answer(self, prompt: str) -> str:
+        """The one valid answer to a `walk` prompt."""
+        words = prompt.split()
+        return self._walk(LETTERS.index(words[2]), int(words[4]))
+
     def _walk(self, start: int, step: int) -> str:
         return " ".join(LETTERS[(start + step * (i + 1)) % 26] for i in range(self.length))
 
     def check(self, prompt, response):
-        words = prompt.split()
-        return response.split() == self._walk(LETTERS.index(words[2]), int(words[4])).split()
+        return response.split() == self.answer(prompt).split()
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (SortTask(), PickTask(), WalkTask())}

@@ -415,18 +415,19 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
         lm = F.logsigmoid(xa) if xa is not None else F.logsigmoid(xb)
         if xa is not None and xb is not None:
             lm += F.logsigmoid(xb)
-        mass, kept_tokens = rowdot(lm.exp(), ps), lm.exp().sum(-1)
+        m = lm.exp()
+        mass, kept_tokens = rowdot(m, ps), m.sum(-1)
         if opts.rescue > 0:
-            rescue_idx, m_sorted = idx, lm.exp()
-        del ps
+            rescue_idx, m_sorted = idx, m
+        del ps, m
         tail = None
         if k < V:
             tail = (None if hard_lo else (1 - _col(lo)) * s + torch.zeros_like(ck),
                     None if hard_hi else (_col(hi) - ck) * s)
             lm_tail = _log_mask(*tail)
             m_tail = lm_tail.exp().squeeze(-1)
-            mass = mass + lm_tail.exp().squeeze(-1) * (1 - ck.squeeze(-1)).clamp_min(0)
-            kept_tokens = kept_tokens + (V - k) * lm_tail.exp().squeeze(-1)
+            mass = mass + m_tail * (1 - ck.squeeze(-1)).clamp_min(0)
+            kept_tokens = kept_tokens + (V - k) * m_tail
         kept_mass = mass
         log_z = mass.clamp_min(1e-30).log()[:, None]
         if tail is None:

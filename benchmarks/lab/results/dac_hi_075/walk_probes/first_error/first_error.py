@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl_mgsr.lab.metrics import respond  # noqa: E402
 from trl_mgsr.lab.models import ModelSettings, eval_rows  # noqa: E402
 from trl_mgsr.lab.runner import Budget, Method, distill, prepare_models, quiet  # noqa: E402
-from trl_mgsr.lab.tasks import LETTERS, TASKS  # noqa: E402
+from trl_mgsr.lab.tasks import TASKS  # noqa: E402
 
 torch.set_num_threads(1)
 name, config = sys.argv[1], json.loads(sys.argv[2])
@@ -38,8 +38,7 @@ torch.manual_seed(0)
 texts = respond(student.eval(), tokenizer, prompts, greedy=False)[0]
 first_error, valid = collections.Counter(), 0
 for prompt, text in zip(prompts, texts):
-    words = prompt.split()
-    gold, got = walk._walk(LETTERS.index(words[2]), int(words[4])).split(), text.split()
+    gold, got = walk.answer(prompt).split(), text.split()
     if got == gold:
         valid += 1
         continue
