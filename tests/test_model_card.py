@@ -12,8 +12,8 @@ def test_objective_names_each_terms_formulation_and_leaves_out_zero_weights(tmp_
                                "SCRG-corrected tokens")  # the SFT term is off by default
     assert objective(tiny_args(MGSRConfig, tmp_path, sft_weight=1.0)).startswith("1 · SFT + 1 · DAC-KL (reverse")
     assert objective(tiny_args(MGSRConfig, tmp_path, dac_rescue_weight=3.0)).startswith(
-        "1 · DAC-KL (reverse divergence to the teacher clipped to a learned band, with a 3 · forward-KL rescue of "
-        "the student's mass outside the band on sequences it did not sample) + ")
+        "1 · DAC-KL (reverse divergence to the teacher clipped to a learned band, with a 3 · −log(student mass in the "
+        "band) rescue on sequences it did not sample) + ")
     args = tiny_args(MGSRConfig, tmp_path, scrg_correction_divergence="reverse")
     assert objective(args).endswith("0.3 · reverse divergence to the whole teacher at the SCRG-corrected tokens")
     args = tiny_args(MGSRConfig, tmp_path, sft_weight=0.0, span_weight=0.0, scrg_correction_weight=0.0,

@@ -122,15 +122,15 @@ class MGSRConfig(GKDConfig):
         (AKL, Wu et al. 2024: per position, forward KL weighted by the gap on the teacher's head, reverse KL by the
         gap on its tail; in the lab it brings `walk` from 0.09 to SFT's 0.11 at the same mean, `sort` 0.02 lower).
     dac_rescue_weight (`float`, defaults to `0.0`, off): on sequences the student did not sample (the dataset's, or
-        the teacher's with `seq_kd`), adds `dac_rescue_weight * (1 - sum_i m_i q_i) * KL(p~ || q)` per position, the
-        student's mass outside the band held constant (ours, issue 14). The reverse KL's gradient vanishes where the
-        student concentrates on a rejected token (its loss is large there but flat); the forward KL's does not, and
-        its weight is ~0 wherever the student keeps its mass in the band. It trades: in the lab (3 seeds) weight 10
-        lifts `walk`, a per-prompt fact learned by heart, from 0.114 to 0.142 (SFT 0.131) at the defaults but
-        costs `sort`/`pick` (mean 0.361 against 0.367) and, at a 4x lower learning rate, 0.014 of the mean; weight 3
-        gives `walk` 0.127 at the same mean (0.003 lower at the low learning rate). Dolly ROUGE-L at weight 10: 6.51
-        against 6.50. Try it where the student must learn facts it gets confidently wrong. Needs
-        `dac_student_support="full"`.
+        the teacher's with `seq_kd`), adds `dac_rescue_weight * -log(sum_i m_i q_i)` per position, the student's
+        log-mass inside the band, the mask held constant (ours, issue 14). The reverse KL's gradient vanishes where
+        the student concentrates on a rejected token (its loss is large there but flat); the rescue's moves the mass
+        outside the band into it, in the student's own proportions among the kept tokens, and is ~0 wherever the
+        student keeps its mass in the band. In the lab (README, Quality) weight 10 lifts `walk`, a per-prompt fact
+        learned by heart, above SFT and the mean with it at the default learning rate, but costs `sort` at a 4x lower
+        one, so it is off by default; a first form, `weight * (1 - sum_i m_i q_i) * KL(p~ || q)`, pulled toward the
+        clipped teacher's whole shape and cost `sort`/`pick` at both. Try it where the student must learn facts it
+        gets confidently wrong. Needs `dac_student_support="full"`.
     dac_beta (`float`, defaults to `0.5`): the JSD interpolation of `dac_divergence="jsd"` (as GKD's `beta`).
     dac_skew (`float`, defaults to `0.1`): the skew of `"skew_forward"`/`"skew_reverse"` (DistiLLM's alpha).
     dac_temperature (`float`, defaults to `1.0`): softmax temperature of both distributions in the loss.
@@ -285,9 +285,9 @@ class MGSRConfig(GKDConfig):
     )
     dac_rescue_weight: float = field(
         default=0.0,
-        metadata={"help": "On sequences the student did not sample (the dataset's), adds this weight x the "
-                  "student's mass outside the band x KL(clipped teacher || student) per position, where the reverse "
-                  "KL has no pull back toward the band (>= 0; 0 turns it off; needs dac_student_support='full')."},
+        metadata={"help": "On sequences the student did not sample (the dataset's), adds this weight x -log(the "
+                  "student's mass inside the band) per position, a pull back into the band where the reverse KL has "
+                  "none (>= 0; 0 turns it off; needs dac_student_support='full')."},
     )
     dac_beta: float = field(default=0.5, metadata={"help": "JSD interpolation of dac_divergence='jsd', in [0, 1]."})
     dac_skew: float = field(

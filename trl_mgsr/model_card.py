@@ -53,8 +53,8 @@ def describe_model(model) -> str:
 def objective(args) -> str:
     """The loss, term by term with the formulation each uses (terms of weight 0 left out)."""
     band = "a learned band" if args.dac_mode == "learned" else f"the fixed band [{args.dac_lo:g}, {args.dac_hi:g}]"
-    rescue = (f", with a {args.dac_rescue_weight:g} · forward-KL rescue of the student's mass outside the band on "
-              "sequences it did not sample" if args.dac_rescue_weight else "")
+    rescue = (f", with a {args.dac_rescue_weight:g} · −log(student mass in the band) rescue on sequences it did not "
+              "sample" if args.dac_rescue_weight else "")
     parts = [(args.sft_weight, "SFT"),
              (args.dac_weight, f"DAC-KL ({args.dac_divergence} divergence to the teacher clipped to {band}{rescue})"),
              (args.span_weight, f"span ({args.span_objective})"),

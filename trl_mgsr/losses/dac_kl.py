@@ -30,11 +30,15 @@ with `DACBandNet` it is at least `min_width - 2 ln(2) / s`; the loss is 0 when t
 teacher (`"full"`) or the teacher (`"band"`).
 
 Rescue (`rescue = r > 0`, "full" support; MGSRConfig's `dac_rescue_weight`, on the dataset's sequences): per position
-`+ r * (1 - sum_i m_i q_i) * KL(p~ || q)`, the weight (the student's mass outside the band) held constant. The reverse
-KL's gradient w.r.t. the student's logits, `-q (D + L)` with `D = log p~ - log q`, vanishes as the student concentrates
-on any one token, a rejected one included (on a point mass at token j, `D_j + L = 0` and `q_i ~ 0` elsewhere): a
-position the student has confidently wrong is a plateau however large its loss. The forward KL's gradient `q - p~`
-does not vanish there, and its weight is ~0 wherever the student already keeps its mass in the band.
+`+ r * -log(K)`, `K = sum_i m_i q_i` the student's mass inside the band, with the mask held constant (the rescue
+never moves the band). The reverse KL's gradient w.r.t. the student's logits, `-q (D + L)` with `D = log p~ - log q`,
+vanishes as the student concentrates on any one token, a rejected one included (on a point mass at token j,
+`D_j + L = 0` and `q_i ~ 0` elsewhere): a position the student has confidently wrong is a plateau however large its
+loss. The rescue's gradient `r (q - m q / K)` does not vanish there: it moves the mass outside the band into it, in
+the student's own proportions among the kept tokens (it does not impose the teacher's shape inside the band, which
+stays the divergence's job), and its size, `2 r (1 - K)` in L1, is ~0 wherever the student keeps its mass in the band.
+(A first form, `r (1 - K) KL(p~ || q)`, pulled toward the clipped teacher's whole shape; it cost `sort`/`pick` in the
+lab: MGSRConfig's docstring.)
 
 `top_k`: only the teacher's top-k tokens are sorted; the other tokens share the mask of the interval `[c_k, 1]`.
 
@@ -295,7 +299,7 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: DACKLSettings
         lpt = lp if lm is None else (lm + lp).log_softmax(-1)
         loss = _divergence(lpt, lq, opts)
         if opts.rescue > 0 and lm is not None:
-            loss = loss + opts.rescue * _outside_mass(lm, lq) * _kl(lpt, lq)
+            loss = loss - opts.rescue * (lm.detach() + lq).logsumexp(-1)
     else:
         a, b = (lp, lq) if opts.divergence == "forward" else (lq, lp)
         kept = a if lm is None else lm + a
@@ -304,12 +308,6 @@ def _rows_autograd(z: torch.Tensor, t: torch.Tensor, lo, hi, opts: DACKLSettings
             ra, rb = (l1m + a).logsumexp(-1), (l1m + b).logsumexp(-1)
             loss = loss + ra.exp() * (ra - rb)
     return loss, kept_tokens, kept_mass
-
-
-def _outside_mass(lm: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """`[n]`, detached: the student's mass outside the band, `1 - sum_i m_i q_i` (log mask, log student `[n, V]`)."""
-    with torch.no_grad():
-        return (1 - (lm + lq).logsumexp(-1).exp()).clamp_min(0)
 
 
 def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -391,7 +389,7 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
     With `A = log m + log p`, `P = softmax(A)` (= p~) and `D = log P - log q`:
     forward `L = sum P D`, dL/dA = P (D - L), dL/dz = (q - P) / T;
     reverse `L = -sum q D`, dL/dA = P - q, dL/dz = -q (D + L) / T;
-    the rescue adds `w L_f` per row (`L_f` the forward KL, `w = rescue * (1 - sum_i m_i q_i)` held constant);
+    the rescue adds `-r log K`, `K = sum_i m_i q_i`, per row and `r (q - m q / K) / T` to dL/dz (the mask constant);
     dL/dlo = sum_i dL/dA_i * (-s sigmoid(-xa_i)), dL/dhi = sum_i dL/dA_i * s sigmoid(-xb_i) (sorted tokens + tail).
     The normaliser `Z = sum m p` and the kept token count come from the sorted `[n, k]` tensors, and `log m - log Z`
     is added to `log p` in place, so no `[n, V]` log-sum-exp is needed beyond the two log-softmaxes.
@@ -443,40 +441,32 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
             idx = None
         del xa, xb, tail
     lq = log_softmax32(z, opts.temperature)
-    w = None if rescue_idx is None else opts.rescue * _outside_sorted(lq, rescue_idx, m_sorted, m_tail)
-    del rescue_idx, m_sorted, m_tail
+    rescue = None if rescue_idx is None else _band_share(lq, rescue_idx, m_sorted, m_tail)
+    del m_sorted, m_tail
     d = log_pt - lq  # D = log p~ - log q
     d.masked_fill_(torch.isneginf(log_pt if opts.divergence == "forward" else lq), 0.0)  # 0 log 0 = 0
     q, pt = lq.exp_(), log_pt.exp_()
     del lq, log_pt
     inv_t = 1.0 / opts.temperature
-    if opts.divergence == "forward":  # the rescue scales the forward KL by 1 + w
+    # the rescue's dL/dz, r (q - m q / K), splits into r (1 - m_tail / K) q on every token and
+    # -r (m_i - m_tail) q_i / K on the sorted ones (m_tail = 0 without a top-k tail)
+    rescue_q = None if rescue is None else (1 - rescue[1]).mul_(opts.rescue)[:, None]
+    if opts.divergence == "forward":
         loss = rowdot(pt, d)
         g_a = d.sub_(loss[:, None]).mul_(pt) if idx is not None else None  # P (D - L)
-        gz = q.sub_(pt) if need_z else None
-        if w is not None:
-            loss = loss * (1 + w)
-            for g in (g_a, gz):
-                if g is not None:
-                    g.mul_(1 + w[:, None])
+        gz = (q.mul_(1 + rescue_q) if rescue_q is not None else q).sub_(pt) if need_z else None  # q - P, in place
     else:
-        extra_a = extra_z = None
-        if w is not None:  # the rescue's forward KL: w P (D_f - L_f) w.r.t. A, w (q - P) w.r.t. z
-            d_f = d.masked_fill(pt == 0, 0.0)
-            loss_f = rowdot(pt, d_f)
-            extra_z = (q - pt).mul_(w[:, None]) if need_z else None
-            extra_a = d_f.sub_(loss_f[:, None]).mul_(pt).mul_(w[:, None]) if idx is not None else None
-            del d_f
         loss = -rowdot(q, d)
         g_a = pt.sub_(q) if idx is not None else None  # P - q
         gz = d.add_(loss[:, None]).mul_(q).neg_() if need_z else None
-        if w is not None:
-            loss = loss + w * loss_f
-            if gz is not None:
-                gz.add_(extra_z)
-            if g_a is not None:
-                g_a.add_(extra_a)
-            del extra_a, extra_z
+        if gz is not None and rescue_q is not None:
+            gz.addcmul_(q, rescue_q)
+    if rescue is not None:
+        log_kept, _, sorted_share = rescue
+        loss = loss - opts.rescue * log_kept
+        if gz is not None:
+            gz.scatter_add_(1, rescue_idx, sorted_share.mul_(-opts.rescue))
+    del rescue, rescue_q, rescue_idx
     if gz is not None and inv_t != 1.0:
         gz.mul_(inv_t)
     del q, pt, d
@@ -489,13 +479,19 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
     return loss.sum(), kept_tokens.sum(), kept_mass.sum(), gz, glo, ghi
 
 
-def _outside_sorted(lq, idx, m_sorted, m_tail) -> torch.Tensor:
-    """`[n]`: `1 - sum_i m_i q_i` from the sorted mask `[n, k]` (+ the tail's mask `[n]` for the other tokens)."""
-    q_sorted = lq.gather(1, idx).exp_()
-    kept = rowdot(m_sorted, q_sorted)
-    if m_tail is not None:
-        kept = kept + m_tail * (1 - q_sorted.sum(-1)).clamp_min(0)
-    return (1 - kept).clamp_min(0)
+def _band_share(lq, idx, m_sorted, m_tail):
+    """The rescue's pieces from the sorted mask `m_sorted` `[n, k]` (+ `m_tail` `[n]`, the mask of the other tokens):
+    `log K` `[n]` with `K = sum_i m_i q_i`, `m_tail / K` `[n]` (0 without a tail) and `(m_i - m_tail) q_i / K`
+    `[n, k]` on the sorted tokens."""
+    lq_sorted = lq.gather(1, idx)
+    log_mq = m_sorted.log() + lq_sorted
+    log_kept = log_mq.logsumexp(-1)
+    if m_tail is None:
+        return log_kept, torch.zeros_like(log_kept), log_mq.sub_(log_kept[:, None]).exp_()
+    q_rest = (1 - lq_sorted.exp().sum(-1)).clamp_min(0)  # the student's mass on the unsorted tokens
+    log_kept = torch.logaddexp(log_kept, (m_tail * q_rest).log())
+    share = (m_sorted - m_tail[:, None]).mul_(lq_sorted.sub_(log_kept[:, None]).exp_())
+    return log_kept, (m_tail.log() - log_kept).exp(), share
 
 
 def _band_grad(g_sorted, g_tail, coefs, edge):
