@@ -441,32 +441,30 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
             idx = None
         del xa, xb, tail
     lq = log_softmax32(z, opts.temperature)
-    rescue = None if rescue_idx is None else _band_share(lq, rescue_idx, m_sorted, m_tail)
+    log_kept = q_coef = sorted_grad = None
+    if rescue_idx is not None:
+        log_kept, q_coef, sorted_grad = _rescue_parts(lq, rescue_idx, m_sorted, m_tail, opts.rescue)
     del m_sorted, m_tail
     d = log_pt - lq  # D = log p~ - log q
     d.masked_fill_(torch.isneginf(log_pt if opts.divergence == "forward" else lq), 0.0)  # 0 log 0 = 0
     q, pt = lq.exp_(), log_pt.exp_()
     del lq, log_pt
     inv_t = 1.0 / opts.temperature
-    # the rescue's dL/dz, r (q - m q / K), splits into r (1 - m_tail / K) q on every token and
-    # -r (m_i - m_tail) q_i / K on the sorted ones (m_tail = 0 without a top-k tail)
-    rescue_q = None if rescue is None else (1 - rescue[1]).mul_(opts.rescue)[:, None]
     if opts.divergence == "forward":
         loss = rowdot(pt, d)
         g_a = d.sub_(loss[:, None]).mul_(pt) if idx is not None else None  # P (D - L)
-        gz = (q.mul_(1 + rescue_q) if rescue_q is not None else q).sub_(pt) if need_z else None  # q - P, in place
+        gz = (q if q_coef is None else q.mul_(1 + q_coef)).sub_(pt) if need_z else None  # q - P (+ rescue), in place
     else:
         loss = -rowdot(q, d)
         g_a = pt.sub_(q) if idx is not None else None  # P - q
         gz = d.add_(loss[:, None]).mul_(q).neg_() if need_z else None
-        if gz is not None and rescue_q is not None:
-            gz.addcmul_(q, rescue_q)
-    if rescue is not None:
-        log_kept, _, sorted_share = rescue
+        if gz is not None and q_coef is not None:
+            gz.addcmul_(q, q_coef)
+    if log_kept is not None:  # the rescue: -r log K, and the rest of its dL/dz on the sorted tokens
         loss = loss - opts.rescue * log_kept
         if gz is not None:
-            gz.scatter_add_(1, rescue_idx, sorted_share.mul_(-opts.rescue))
-    del rescue, rescue_q, rescue_idx
+            gz.scatter_add_(1, rescue_idx, sorted_grad)
+    del rescue_idx, q_coef, sorted_grad
     if gz is not None and inv_t != 1.0:
         gz.mul_(inv_t)
     del q, pt, d
@@ -479,19 +477,21 @@ def _chunk_full_closed_form(z, t, lo, hi, opts: DACKLSettings, need_z: bool, nee
     return loss.sum(), kept_tokens.sum(), kept_mass.sum(), gz, glo, ghi
 
 
-def _band_share(lq, idx, m_sorted, m_tail):
-    """The rescue's pieces from the sorted mask `m_sorted` `[n, k]` (+ `m_tail` `[n]`, the mask of the other tokens):
-    `log K` `[n]` with `K = sum_i m_i q_i`, `m_tail / K` `[n]` (0 without a tail) and `(m_i - m_tail) q_i / K`
-    `[n, k]` on the sorted tokens."""
+def _rescue_parts(lq, idx, m_sorted, m_tail, r: float):
+    """The rescue `-r log K`, `K = sum_i m_i q_i`, from the sorted mask `m_sorted` `[n, k]` (+ `m_tail` `[n]`, the
+    mask of the unsorted tokens): `log K` `[n]`, and its dL/dz `r (q - m q / K)` split into a coefficient of q on
+    every token, `r (1 - m_tail / K)` `[n, 1]`, and `-r (m_i - m_tail) q_i / K` `[n, k]` on the sorted ones
+    (`m_tail` = 0 without a top-k tail)."""
     lq_sorted = lq.gather(1, idx)
     log_mq = m_sorted.log() + lq_sorted
     log_kept = log_mq.logsumexp(-1)
     if m_tail is None:
-        return log_kept, torch.zeros_like(log_kept), log_mq.sub_(log_kept[:, None]).exp_()
+        return log_kept, lq.new_full((lq.shape[0], 1), r), log_mq.sub_(log_kept[:, None]).exp_().mul_(-r)
     q_rest = (1 - lq_sorted.exp().sum(-1)).clamp_min(0)  # the student's mass on the unsorted tokens
     log_kept = torch.logaddexp(log_kept, (m_tail * q_rest).log())
-    share = (m_sorted - m_tail[:, None]).mul_(lq_sorted.sub_(log_kept[:, None]).exp_())
-    return log_kept, (m_tail.log() - log_kept).exp(), share
+    q_coef = (m_tail.log() - log_kept).exp().neg_().add_(1).mul_(r)[:, None]
+    sorted_grad = (m_sorted - m_tail[:, None]).mul_(lq_sorted.sub_(log_kept[:, None]).exp_()).mul_(-r)
+    return log_kept, q_coef, sorted_grad
 
 
 def _band_grad(g_sorted, g_tail, coefs, edge):
