@@ -675,7 +675,7 @@ def test_rescue_pulls_a_confidently_wrong_student_where_reverse_kl_does_not(fn):
     (g_plain,), (g_rescued,) = grads(plain, student), grads(rescued, student)
     assert plain.total > 10  # far from the teacher ...
     assert g_plain.abs().max() < 1e-3  # ... and no gradient to leave
-    assert -g_rescued[0, 0] > 0.5 * r and g_rescued[0, 3] > 0.5 * r  # descent raises the teacher's token
+    assert -g_rescued[0, 0] > 0.5 * r and g_rescued[0, 3] > 0.5 * r  # descent: teacher's token up, student's down
     torch.testing.assert_close(g_rescued[1], g_plain[1], atol=1e-3, rtol=0)  # 2 r (1 - K) ~ 6e-4 there
 
 
