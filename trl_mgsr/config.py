@@ -456,8 +456,8 @@ class MGSRConfig(GKDConfig):
         if self.dac_student_support == "band" and self.dac_divergence not in ("forward", "reverse"):
             fail("dac_divergence", "must be 'forward' or 'reverse' with dac_student_support='band'")
         if self.dac_student_support == "band" and self._is_number("dac_rescue_weight") and self.dac_rescue_weight:
-            fail("dac_rescue_weight", "must be 0 with dac_student_support='band' (the rescue compares full "
-                 "distributions)")
+            fail("dac_rescue_weight", "must be 0 with dac_student_support='band' (the rescue, -log of the student's "
+                 "mass in the band, is defined for the 'full' support only)")
         if not self._is_number("dac_min_width") or not 0 < self.dac_min_width <= 1:
             fail("dac_min_width", "must be in (0, 1]")
         for name in ("dac_lo", "dac_hi", "init_threshold", "replay_ratio_start", "replay_ratio_end"):
