@@ -87,7 +87,7 @@ class Settings:
     train_seed: int = 42
     # training-seed noise floor: these methods are trained again with each of these seeds (same everything else)
     repeat_methods: tuple[str, ...] = ("SFT", "GKD", "MGSR", "MGSR + SFT term", "MGSR stop",
-                                       "MGSR w/o correction", "MGSR + rescue")
+                                       "MGSR w/o correction", "MGSR + rescue", "MGSR w/o span")
     repeat_seeds: tuple[int, ...] = (43,)
     eval_every: int = 20  # adaptive schedule: evaluation loss on `adaptive_eval_rows` dev rows every N steps
     adaptive_eval_rows: int = 64
@@ -595,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: fastest, tiny models).")
     parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of: {list(METHODS)}.")
     parser.add_argument("--fresh", action="store_true", help="Ignore cached assets and method results.")
+    parser.add_argument("--repeat_seeds", type=int, nargs="+", default=None,
+                        help="Training seeds the repeated methods are trained again with (default 43).")
     args = parser.parse_args(argv)
 
     data_dir = Path(args.data_dir).resolve()
@@ -603,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     s = QUICK if args.quick else Settings()
+    if args.repeat_seeds is not None:
+        s = replace(s, repeat_seeds=tuple(args.repeat_seeds))
     out = Path(args.out or (str(DEFAULT_OUT) + ("-quick" if args.quick else ""))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     methods = list(args.methods or METHODS)
