@@ -21,9 +21,10 @@ def test_bench_step_quick_profiles_every_run(tmp_path):
                                       "mgsr_twopass", "mgsr_stop", "mgsr_stop_nogc"}
     mgsr = report["results"]["mgsr"]["seconds_per_step"]
     for phase in ("step", "step_median", "scrg", "scrg_student", "scrg_teacher", "student_forward", "loss_dac_kl",
-                  "loss_span", "band_net", "backward", "optimizer", "metrics", "host_syncs"):
+                  "band_net", "backward", "optimizer", "metrics", "host_syncs"):
         assert phase in mgsr, phase
     assert "sft_forward" not in mgsr and "loss_sft" not in mgsr  # the SFT term is off by default: no second forward
+    assert "loss_span" not in mgsr  # and so is the span term
     assert "sampling" not in mgsr and "teacher_forward" not in mgsr  # SCRG samples, and serves the loss's teacher
     assert {"sampling", "scrg_teacher"} <= set(report["results"]["mgsr_twopass"]["seconds_per_step"])
     assert "loss_gkd" in report["results"]["gkd"]["seconds_per_step"]

@@ -22,7 +22,7 @@ def test_demo_quick(tmp_path, capsys):
     assert "| model | parameters | sort sampled | pick sampled | walk sampled | mean sampled | mean greedy |" in printed
     for row in ROWS:
         assert row in printed
-    assert "mgsr/dac_kl" in printed and "mgsr/span" in printed  # the MGSR loss terms took part
+    assert "mgsr/dac_kl" in printed and "mgsr/correction" in printed  # the MGSR loss terms took part
     assert "mgsr/sft" not in printed  # the SFT term is off by default
 
     results = json.loads((out / "results.json").read_text())

@@ -137,7 +137,8 @@ def test_quick_lab_run(tmp_path):
             assert len(result["seeds"]) == 2 and result["train_seconds"] > 0 and result["time_vs_gkd"] > 0
     assert payload["results"]["GKD"]["time_vs_gkd"] == 1.0
     assert "mgsr/scrg_corrected_frac" not in payload["results"]["MGSR w/o SCRG"]["logged_mean"]
-    assert "mgsr/span" not in payload["results"]["MGSR w/o span"]["logged_mean"]
+    assert "mgsr/span" in payload["results"]["MGSR + span"]["logged_mean"]
+    assert "mgsr/span" not in payload["results"]["MGSR"]["logged_mean"]  # off by default
     table = (out / "results.md").read_text()
     assert "| MGSR + SFT term |" in table and "time / GKD" in table
     assert "mgsr/sft" in payload["results"]["MGSR + SFT term"]["logged_mean"]

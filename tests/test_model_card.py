@@ -8,8 +8,9 @@ from trl_mgsr.model_card import objective, sequences
 def test_objective_names_each_terms_formulation_and_leaves_out_zero_weights(tmp_path):
     args = tiny_args(MGSRConfig, tmp_path)
     assert objective(args) == ("1 · DAC-KL (reverse divergence to the teacher clipped to a learned band) "
-                               "+ 0.1 · span (loglik) + 0.3 · forward divergence to the whole teacher at the "
-                               "SCRG-corrected tokens")  # the SFT term is off by default
+                               "+ 0.3 · forward divergence to the whole teacher at the "
+                               "SCRG-corrected tokens")  # the SFT and span terms are off by default
+    assert " + 0.1 · span (loglik) + " in objective(tiny_args(MGSRConfig, tmp_path, span_weight=0.1))
     assert objective(tiny_args(MGSRConfig, tmp_path, sft_weight=1.0)).startswith("1 · SFT + 1 · DAC-KL (reverse")
     assert objective(tiny_args(MGSRConfig, tmp_path, dac_rescue_weight=3.0)).startswith(
         "1 · DAC-KL (reverse divergence to the teacher clipped to a learned band, with a 3 · −log(student mass in the "

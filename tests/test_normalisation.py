@@ -40,7 +40,7 @@ def test_on_policy_terms_are_token_weighted_means_over_the_window(tokenizer, tmp
     student, teacher = build_pair(tokenizer)
     trainer = MGSRTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
                           args=tiny_args(MGSRConfig, tmp_path, lmbda=1.0, max_new_tokens=12,
-                                         gradient_checkpointing=False),
+                                         gradient_checkpointing=False, span_weight=1.0),  # span ids on
                           train_dataset=Dataset.from_list(toy_rows(8)))
     trainer.model_wrapped = trainer.model
     # A random model rarely samples the end token; let a slice of the vocabulary end a sample so lengths vary.

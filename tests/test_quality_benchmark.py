@@ -41,7 +41,7 @@ def test_quick_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     expected = {"teacher", "student init", "SFT", "GKD", "MGSR", "MGSR w/o SCRG", "MGSR w/o DAC-KL (forward KL)",
-                "MGSR w/o span", "MGSR adaptive schedule", "GKD [seed 43]"}
+                "MGSR + span", "MGSR adaptive schedule", "GKD [seed 43]"}
     assert expected <= set(results["results"])
     for name, r in results["results"].items():
         assert set(r["sets"]) == {"dolly", "self-inst", "vicuna", "sinst"}, name
@@ -49,15 +49,15 @@ def test_quick_benchmark(tmp_path):
         if name not in ("teacher", "student init"):
             assert r["train_seconds"] > 0 and r["loss_curve"]
     mgsr = results["results"]["MGSR"]["mgsr_metrics_mean"]
-    assert {"mgsr/dac_kl", "mgsr/span"} <= set(mgsr) and "mgsr/sft" not in mgsr  # SFT term off by default
-    assert "mgsr/span" not in results["results"]["MGSR w/o span"]["mgsr_metrics_mean"]
+    assert "mgsr/dac_kl" in mgsr and not {"mgsr/sft", "mgsr/span"} & set(mgsr)  # SFT and span terms off by default
+    assert "mgsr/span" in results["results"]["MGSR + span"]["mgsr_metrics_mean"]
     forward_kl = results["results"]["MGSR w/o DAC-KL (forward KL)"]["mgsr_metrics_mean"]
     assert forward_kl["mgsr/dac_kl_lo"] == 0.0 and forward_kl["mgsr/dac_kl_hi"] == 1.0  # the band [0, 1]
     assert mgsr["mgsr/dac_kl_hi"] < 1.0  # the learned band (starts at dac_hi = 0.75)
     assert "mgsr/scrg_corrected_frac" not in results["results"]["MGSR w/o SCRG"]["mgsr_metrics_mean"]
     assert results["git"]["commit"] and results["learning_rate"] in results["settings"]["lr_grid"]
     table = (out / "results.md").read_text()
-    assert "| MGSR w/o span |" in table and "**average**" in table
+    assert "| MGSR + span |" in table and "**average**" in table
     png = out / "quality.png"
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

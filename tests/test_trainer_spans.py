@@ -11,8 +11,10 @@ from trl_mgsr.testing import build_pair, toy_rows
 
 
 def make(tokenizer, tmp_path, extractor=None, **overrides):
+    """A trainer with the span term on (`span_weight` 0.1, off by default), unless `overrides` say otherwise."""
     student, teacher = build_pair(tokenizer)
-    trainer = MGSRTrainer(model=student, teacher_model=teacher, args=tiny_args(MGSRConfig, tmp_path, **overrides),
+    args = tiny_args(MGSRConfig, tmp_path, **{"span_weight": 0.1, **overrides})
+    trainer = MGSRTrainer(model=student, teacher_model=teacher, args=args,
                           train_dataset=Dataset.from_list(toy_rows(8)), processing_class=tokenizer,
                           span_extractor=extractor)
     trainer.model_wrapped = trainer.model
@@ -83,11 +85,12 @@ def test_missing_optional_backend_fails_at_construction(tokenizer, tmp_path, mon
         make(tokenizer, tmp_path, span_extractor="spacy")
 
 
-def test_span_term_is_logged_and_off_when_weight_zero(tokenizer, tmp_path):
+def test_span_term_is_logged_and_off_by_default(tokenizer, tmp_path):
     trainer = make(tokenizer, tmp_path, max_steps=2)
     trainer.train()
     logged = {k for e in trainer.state.log_history for k in e}
     assert {"mgsr/span", "mgsr/spans_per_seq", "mgsr/span_items"} <= logged
+    assert tiny_args(MGSRConfig, tmp_path / "default").span_weight == 0.0
     off = make(tokenizer, tmp_path / "off", span_weight=0.0)
     assert off.span_extractor is None and "span_ids" not in dataset_step(off)
 

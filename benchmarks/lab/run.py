@@ -45,7 +45,7 @@ METHODS: dict[str, Method] = {
     "MGSR": Method("mgsr"),
     "MGSR w/o SCRG": Method("mgsr", {"scrg_rounds": 0}),
     "MGSR fixed band": Method("mgsr", {"dac_mode": "fixed"}),
-    "MGSR w/o span": Method("mgsr", {"span_weight": 0.0}),
+    "MGSR + span": Method("mgsr", {"span_weight": 0.1}),  # the span term on, as it was by default ("w/o span" then)
     "MGSR + SFT term": Method("mgsr", {"sft_weight": 1.0}),  # the default before the SFT term went off
     "MGSR w/o correction": Method("mgsr", {"scrg_correction_weight": 0.0}),
     "MGSR + rescue": Method("mgsr", {"dac_rescue_weight": 10.0}),
