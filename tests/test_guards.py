@@ -36,11 +36,13 @@ def assert_unchanged(model, before):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("lmbda, where", [(0.0, "term(s) dac_kl, band"), (1.0, "in SCRG (before any correction)")])
-def test_nan_teacher_stops_training_before_the_first_optimizer_step(lmbda, where, tokenizer, tmp_path):
+@pytest.mark.parametrize("lmbda, span_weight, where", [(0.0, 0.0, "term(s) dac_kl, band"),
+                                                       (0.0, 0.1, "term(s) dac_kl, band, span"),
+                                                       (1.0, 0.0, "in SCRG (before any correction)")])
+def test_nan_teacher_stops_training_before_the_first_optimizer_step(lmbda, span_weight, where, tokenizer, tmp_path):
     student, teacher = build_pair(tokenizer)
-    trainer = make_trainer(tokenizer, tmp_path, student, poison(teacher), lmbda=lmbda, save_strategy="steps",
-                           save_steps=1)
+    trainer = make_trainer(tokenizer, tmp_path, student, poison(teacher), lmbda=lmbda, span_weight=span_weight,
+                           save_strategy="steps", save_steps=1)
     before = snapshot(student)
     with pytest.raises(FloatingPointError, match=rf"the teacher's logits are non-finite .* global step 0, {re.escape(where)}"):
         trainer.train()
