@@ -64,6 +64,9 @@ def test_cache_keys_follow_the_settings():
     other_student = ModelSettings(student_hidden=64)
     assert other_student.teacher_key() == base.teacher_key() and other_student.key() != base.key()
     assert ModelSettings(teacher_steps=10).teacher_key() != base.teacher_key()
+    other_init = ModelSettings(init_seed=1)  # another initial student, the same teacher
+    assert other_init.teacher_key() == base.teacher_key() and other_init.key() != base.key()
+    assert ModelSettings(init_seed=0).key() == base.key()
 
 
 def test_the_shipped_teacher_is_the_default_settings_teacher_and_is_good():
@@ -108,12 +111,14 @@ def test_grid_flags_change_the_settings_and_the_budget():
     sys.path.insert(0, str(REPO / "benchmarks" / "lab"))
     from run import grid_settings
 
-    flags = dict(quick=False, student_hidden=None, student_layers=None, tasks=None, steps=None, learning_rate=None,
-                 lmbda=None)
+    flags = dict(quick=False, student_hidden=None, student_layers=None, init_seed=None, tasks=None, steps=None,
+                 learning_rate=None, lmbda=None)
     assert grid_settings(argparse.Namespace(**flags)) == (ModelSettings(), Budget())
     settings, budget = grid_settings(argparse.Namespace(**{**flags, "tasks": ["walk"], "learning_rate": 5e-4}))
     assert settings.tasks == ("walk",) and settings.teacher_key() != ModelSettings().teacher_key()
     assert budget == Budget(learning_rate=5e-4)
+    settings, _ = grid_settings(argparse.Namespace(**{**flags, "init_seed": 1}))
+    assert settings == ModelSettings(init_seed=1) and settings.teacher_key() == ModelSettings().teacher_key()
 
 
 @pytest.mark.slow

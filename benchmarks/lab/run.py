@@ -189,6 +189,7 @@ def grid_settings(args) -> tuple[ModelSettings, Budget]:
     settings, budget = (QUICK_MODELS, QUICK_BUDGET) if args.quick else (ModelSettings(), Budget())
     settings = replace(settings, **{k: v for k, v in (("student_hidden", args.student_hidden),
                                                        ("student_layers", args.student_layers),
+                                                       ("init_seed", args.init_seed),
                                                        ("tasks", tuple(args.tasks or ()))) if v})
     budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("learning_rate", args.learning_rate),
                                                    ("lmbda", args.lmbda)) if v is not None})
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning_rate", type=float, default=None)
     parser.add_argument("--lmbda", type=float, default=None)
     parser.add_argument("--student_hidden", type=int, default=None, help="Another student size (new initial student).")
+    parser.add_argument("--init_seed", type=int, default=None,
+                        help="Another initial student by the same recipe (its weights and training rows); same teacher.")
     parser.add_argument("--student_layers", type=int, default=None)
     parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
                         help="A subset of the tasks (a new teacher and initial student, trained and cached).")

@@ -33,10 +33,13 @@ class ModelSettings:
     batch_size: int = 32
     eval_prompts: int = 128
     seed: int = 0
+    init_seed: int = 0  # another initial student by the same recipe (its weights and rows); the teacher is the same
 
     def key(self) -> str:
-        """Hash of every setting and of the tasks' rows (the initial student's cache key)."""
-        return _hash({**asdict(self), "rows": _fingerprint(self)})
+        """Hash of every setting and of the tasks' rows (the initial student's cache key; `init_seed` 0 leaves it as
+        it was before the field existed, so cached students stay valid)."""
+        values = {k: v for k, v in asdict(self).items() if k != "init_seed" or v}
+        return _hash({**values, "rows": _fingerprint(self)})
 
     def teacher_key(self) -> str:
         """Hash of what the teacher depends on: the settings except the student's, and the tasks' rows (so that a

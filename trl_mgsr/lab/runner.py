@@ -84,7 +84,7 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print,
         ("teacher", settings.teacher_hidden, settings.teacher_layers, settings.teacher_steps, settings.teacher_lr,
          settings.seed + 1),
         ("student_init", settings.student_hidden, settings.student_layers, settings.init_steps, settings.init_lr,
-         settings.seed),
+         settings.seed + settings.init_seed),
     ):
         path, found = os.path.join(cache_root, names[role]), found_dirs[role]
         if found:
@@ -100,7 +100,8 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print,
         log(f"models: training the {role.replace('_', ' ')} ({_count(model) / 1e6:.2f}M parameters, {steps} steps)")
         torch.manual_seed(seed)
         start = time.perf_counter()
-        fit(model, tokenizer, fresh_rows(settings, role), steps, lr, log_every=max(steps // 5, 1) if steps > 500 else 0,
+        rows_seed = f"{role}-{settings.init_seed}" if role == "student_init" and settings.init_seed else role
+        fit(model, tokenizer, fresh_rows(settings, rows_seed), steps, lr, log_every=max(steps // 5, 1) if steps > 500 else 0,
             log=log)
         meta = {"seconds": time.perf_counter() - start, "parameters": _count(model), "steps": steps}
         model.save_pretrained(path)
