@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lmbda", type=float, default=None)
     parser.add_argument("--student_hidden", type=int, default=None, help="Another student size (new initial student).")
     parser.add_argument("--init_seed", type=int, default=None,
-                        help="Another initial student by the same recipe (its weights and training rows); same teacher.")
+                        help="Another initial student by the same recipe (its weights and rows); the same teacher.")
     parser.add_argument("--student_layers", type=int, default=None)
     parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
                         help="A subset of the tasks (a new teacher and initial student, trained and cached).")

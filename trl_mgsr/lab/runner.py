@@ -80,11 +80,12 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print,
     teacher_dir = found_dirs["teacher"]
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir) if teacher_dir else build_lab_tokenizer(settings)
     info = {}
-    for role, hidden, layers, steps, lr, seed in (
+    init_rows = f"student_init-{settings.init_seed}" if settings.init_seed else "student_init"
+    for role, hidden, layers, steps, lr, seed, rows_seed in (
         ("teacher", settings.teacher_hidden, settings.teacher_layers, settings.teacher_steps, settings.teacher_lr,
-         settings.seed + 1),
+         settings.seed + 1, "teacher"),
         ("student_init", settings.student_hidden, settings.student_layers, settings.init_steps, settings.init_lr,
-         settings.seed + settings.init_seed),
+         settings.seed + settings.init_seed, init_rows),
     ):
         path, found = os.path.join(cache_root, names[role]), found_dirs[role]
         if found:
@@ -100,9 +101,8 @@ def prepare_models(settings: ModelSettings, cache_root: str, log=print,
         log(f"models: training the {role.replace('_', ' ')} ({_count(model) / 1e6:.2f}M parameters, {steps} steps)")
         torch.manual_seed(seed)
         start = time.perf_counter()
-        rows_seed = f"{role}-{settings.init_seed}" if role == "student_init" and settings.init_seed else role
-        fit(model, tokenizer, fresh_rows(settings, rows_seed), steps, lr, log_every=max(steps // 5, 1) if steps > 500 else 0,
-            log=log)
+        fit(model, tokenizer, fresh_rows(settings, rows_seed), steps, lr,
+            log_every=max(steps // 5, 1) if steps > 500 else 0, log=log)
         meta = {"seconds": time.perf_counter() - start, "parameters": _count(model), "steps": steps}
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
