@@ -150,3 +150,38 @@ def test_quick_lab_run(tmp_path):
     assert "mgsr/sft" not in payload["results"]["MGSR"]["logged_mean"]  # off by default
     pytest.importorskip("matplotlib")
     assert (out / "lab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pooled_report_pairs_per_initial_student_and_seed_and_applies_the_rule(tmp_path):
+    """`benchmarks/lab/pooled.py`: renamed methods from several runs, differences paired within (student, seed)."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "lab"))
+    from pooled import load_setting, paired, report
+
+    def results(methods):  # {name: per-seed mean sampled validity}, the same value on every task
+        return {"results": {name: {"tasks": {t: {"sampled": {"values": v}} for t in (*TASKS, "mean")}}
+                            for name, v in methods.items()}}
+
+    # Student 0 scores low, student 1 high: a paired difference must not see that spread.
+    (tmp_path / "a.json").write_text(json.dumps(results({"old MGSR": [0.30, 0.32], "GKD": [0.20, 0.22]})))
+    (tmp_path / "b.json").write_text(json.dumps(results({"w/o x": [0.31, 0.33], "other": [0.0, 0.0]})))
+    (tmp_path / "c.json").write_text(json.dumps(results({"MGSR": [0.60, 0.62], "GKD": [0.50, 0.52],
+                                                         "MGSR w/o x": [0.62, 0.63]})))
+    manifest = {"base": "MGSR", "reference": "GKD", "baselines": [], "removals": ["MGSR w/o x"],
+                "settings": {"defaults": [
+                    {"init_seed": 0, "runs": [{"path": "a.json", "names": {"old MGSR": "MGSR", "GKD": "GKD"}},
+                                              {"path": "b.json", "names": {"w/o x": "MGSR w/o x"}}]},
+                    {"init_seed": 1, "runs": [{"path": "c.json", "names": {"MGSR": "MGSR", "GKD": "GKD",
+                                                                           "MGSR w/o x": "MGSR w/o x"}}]}]}}
+    data = load_setting(manifest["settings"]["defaults"], tmp_path)
+    assert "other" not in data[0]  # only the methods a run names are read
+    assert paired(data, "MGSR", "GKD", "mean") == pytest.approx([0.10, 0.10, 0.10, 0.10])
+    assert paired(data, "MGSR w/o x", "MGSR", "walk") == pytest.approx([0.01, 0.01, 0.02, 0.01])
+    text = report(manifest, tmp_path)
+    assert "2 initial students, 4 (student, seed) pairs" in text
+    assert "| GKD | +0.100 ± 0.000" in text and "ahead by more than the std on every task" in text
+    assert "| MGSR w/o x − MGSR |" in text and "**better beyond noise** (4 pairs)" in text
+    manifest["removals"] = [["GKD", "MGSR w/o x"]]  # paired with another method than the base
+    assert "| GKD − MGSR w/o x | -0.112 ± 0.005 |" in report(manifest, tmp_path)
+    manifest["settings"]["defaults"][1]["runs"].append({"path": "a.json", "names": {"GKD": "GKD"}})
+    with pytest.raises(ValueError, match="'GKD' comes from two runs"):
+        report(manifest, tmp_path)
