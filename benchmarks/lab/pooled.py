@@ -63,15 +63,15 @@ def report(manifest: dict, root: Path) -> str:
         data = load_setting(students, root)
         n = len(paired(data, base, base, "mean"))
         lines += [f"### {setting}: {len(data)} initial students, {n} (student, seed) pairs", "",
-                  "| method | " + " | ".join(TASKS) + " | **mean** | mean per initial student |",
+                  "| method | " + " | ".join(TASKS) + " | **mean** | mean per initial student (`init_seed`: mean) |",
                   "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | --- |"]
         removals = [(r, base) if isinstance(r, str) else tuple(r) for r in manifest["removals"]]
         for name in dict.fromkeys([base, reference, *manifest["baselines"], *(r for r, _ in removals)]):
-            have = [m[name] for m in data if name in m]
+            have = [(student["init_seed"], m[name]) for student, m in zip(students, data) if name in m]
             if not have:
                 continue
-            cells = [f"{statistics.mean(v for m in have for v in m[t]):.3f}" for t in (*TASKS, "mean")]
-            per = " / ".join(f"{statistics.mean(m['mean']):.3f}" for m in have)
+            cells = [f"{statistics.mean(v for _, m in have for v in m[t]):.3f}" for t in (*TASKS, "mean")]
+            per = ", ".join(f"{seed}: {statistics.mean(m['mean']):.3f}" for seed, m in have)
             lines.append(f"| {name} | " + " | ".join(cells[:-1]) + f" | **{cells[-1]}** | {per} |")
         lines += ["", f"| {base} − | " + " | ".join(TASKS) + " | **mean** | verdict |",
                   "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | --- |"]
