@@ -56,15 +56,20 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
 
 
+def table_head(first: str, last: str) -> list[str]:
+    """A markdown table's header: `first`, the tasks, the mean (bold) and `last`."""
+    return ["| " + " | ".join([first, *TASKS, "**mean**", last]) + " |",
+            "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | --- |"]
+
+
 def report(manifest: dict, root: Path) -> str:
     base, reference = manifest["base"], manifest["reference"]
     lines = []
     for setting, students in manifest["settings"].items():
         data = load_setting(students, root)
-        n = len(paired(data, base, base, "mean"))
+        n = sum(len(m[base]["mean"]) for m in data if base in m)
         lines += [f"### {setting}: {len(data)} initial students, {n} (student, seed) pairs", "",
-                  "| method | " + " | ".join(TASKS) + " | **mean** | mean per initial student (`init_seed`: mean) |",
-                  "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | --- |"]
+                  *table_head("method", "mean per initial student (`init_seed`: mean)")]
         removals = [(r, base) if isinstance(r, str) else tuple(r) for r in manifest["removals"]]
         for name in dict.fromkeys([base, reference, *manifest["baselines"], *(r for r, _ in removals)]):
             have = [(student["init_seed"], m[name]) for student, m in zip(students, data) if name in m]
@@ -73,8 +78,7 @@ def report(manifest: dict, root: Path) -> str:
             cells = [f"{statistics.mean(v for _, m in have for v in m[t]):.3f}" for t in (*TASKS, "mean")]
             per = ", ".join(f"{seed}: {statistics.mean(m['mean']):.3f}" for seed, m in have)
             lines.append(f"| {name} | " + " | ".join(cells[:-1]) + f" | **{cells[-1]}** | {per} |")
-        lines += ["", f"| {base} − | " + " | ".join(TASKS) + " | **mean** | verdict |",
-                  "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | --- |"]
+        lines += ["", *table_head(f"{base} −", "verdict")]
         for name in dict.fromkeys([reference, *manifest["baselines"]]):
             diffs = {t: paired(data, base, name, t) for t in (*TASKS, "mean")}
             if name == reference:
@@ -85,8 +89,7 @@ def report(manifest: dict, root: Path) -> str:
                 verdict = "ahead on every task" if ok else "**not ahead on every task**"
             lines.append(f"| {name} | " + " | ".join(spread(diffs[t]) for t in TASKS)
                          + f" | **{spread(diffs['mean'])}** | {verdict} |")
-        lines += ["", "| change − what it changes | " + " | ".join(TASKS) + " | **mean** | verdict |",
-                  "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | --- |"]
+        lines += ["", *table_head("change − what it changes", "verdict")]
         for name, against in removals:
             diffs = {t: paired(data, name, against, t) for t in (*TASKS, "mean")}
             if len(diffs["mean"]) < 2:
